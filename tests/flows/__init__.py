@@ -1,0 +1,1 @@
+"""Tests of the invertible layers and the multi-scale Glow."""

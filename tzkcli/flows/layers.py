@@ -1,0 +1,327 @@
+"""Invertible layers of Glow, each a bijection with ``forward`` and ``inverse``.
+
+Every layer maps a batch ``[B, C, H, W]`` and returns ``(output, ladj)`` in both directions,
+where ``ladj`` of shape ``[B]`` is the log absolute determinant of that direction's Jacobian
+(so ``inverse``'s ladj is minus ``forward``'s at the matching point). Layers keep the memory
+format of their input where it is unambiguous, so a model moved to ``channels_last`` stays in it.
+
+References: Kingma and Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018;
+Dinh, Sohl-Dickstein and Bengio, "Density estimation using Real NVP", 2017.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tzkcli.errors import UsageError
+
+# The affine coupling scale is sigmoid(raw + SCALE_OFFSET): near 0.88 at initialisation, < 1.
+SCALE_OFFSET = 2.0
+
+
+def _constant_ladj(value: Tensor, batch: int) -> Tensor:
+    return value.expand(batch)
+
+
+def _like_format(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` in ``x``'s memory format when ``x`` is unambiguously channels_last."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+class ActNorm(nn.Module):
+    """Per-channel affine normalisation ``y = x * exp(log_scale) + bias``.
+
+    ``initialize(x)`` sets ``log_scale`` and ``bias`` so that ``y`` has zero mean and unit
+    variance per channel on the batch ``x`` (data-dependent initialisation). Its state is the
+    buffer ``initialised``, saved in the ``state_dict``: loading a saved state never
+    re-initialises, and ``initialize`` on an initialised layer does nothing.
+
+    ladj: ``H * W * sum(log_scale)`` per image.
+
+    Raises:
+        UsageError: ``forward`` or ``inverse`` before ``initialize`` (or loading an initialised
+            state): an uninitialised actnorm is the identity and would train from a bad start.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialised", torch.tensor(False))
+        # A Python mirror of the buffer, so the check costs no device synchronisation.
+        self._ready = False
+
+    @property
+    def is_initialised(self) -> bool:
+        return self._ready
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Set the parameters from the per-channel mean and deviation of ``x`` (once)."""
+        if self._ready:
+            return
+
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True, correction=0)
+        # A constant channel has no scale to learn from; keep it finite.
+        log_scale = -torch.log(std.clamp_min(1e-6))
+        self.log_scale.copy_(log_scale)
+        self.bias.copy_(-mean * log_scale.exp())
+
+        self.initialised.fill_(True)
+        self._ready = True
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_initialised()
+        y = x * self.log_scale.exp() + self.bias
+        ladj = x.shape[2] * x.shape[3] * self.log_scale.sum()
+        return y, _constant_ladj(ladj, x.shape[0])
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_initialised()
+        x = (y - self.bias) * torch.exp(-self.log_scale)
+        ladj = -y.shape[2] * y.shape[3] * self.log_scale.sum()
+        return x, _constant_ladj(ladj, y.shape[0])
+
+    def check_initialised(self) -> None:
+        if not self._ready:
+            raise UsageError(
+                "actnorm is not initialised: call initialize(x) on a first batch, "
+                "or load a state_dict saved after initialisation"
+            )
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.initialised)
+
+
+class InvConv1x1(nn.Module):
+    """Invertible 1x1 convolution ``y = W x`` with ``W = P L (U + diag(sign * exp(log_s)))``.
+
+    ``P`` is a fixed permutation, ``L`` unit lower triangular, ``U`` strictly upper triangular
+    (the LU parameterisation of Glow), initialised from a random rotation. ``sign`` is fixed,
+    so ``W`` stays invertible for every value of the parameters.
+
+    ladj: ``H * W * sum(log_s)`` per image.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+        rotation = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))[0]
+        permutation, lower, upper = torch.linalg.lu(rotation)
+        diagonal = torch.diagonal(upper)
+
+        self.register_buffer("permutation", permutation.float())
+        self.register_buffer("sign", torch.sign(diagonal).float())
+        self.lower = nn.Parameter(torch.tril(lower, -1).float())
+        self.upper = nn.Parameter(torch.triu(upper, 1).float())
+        self.log_s = nn.Parameter(diagonal.abs().log().float())
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """The triangular factors ``(L, U)`` with their diagonals in place."""
+        eye = torch.eye(self.log_s.shape[0], dtype=self.log_s.dtype, device=self.log_s.device)
+        lower = torch.tril(self.lower, -1) + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign * self.log_s.exp())
+        return lower, upper
+
+    def weight(self) -> Tensor:
+        """``W`` as a ``[C, C]`` matrix."""
+        lower, upper = self.factors()
+        return self.permutation @ (lower @ upper)
+
+    def inverse_weight(self) -> Tensor:
+        """``W^-1 = U^-1 L^-1 P^T`` by triangular solves, not a general inverse."""
+        lower, upper = self.factors()
+        eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+        lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        upper_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+        return upper_inv @ lower_inv @ self.permutation.T
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = F.conv2d(x, self.weight()[:, :, None, None])
+        ladj = x.shape[2] * x.shape[3] * self.log_s.sum()
+        return y, _constant_ladj(ladj, x.shape[0])
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = F.conv2d(y, self.inverse_weight()[:, :, None, None])
+        ladj = -y.shape[2] * y.shape[3] * self.log_s.sum()
+        return x, _constant_ladj(ladj, y.shape[0])
+
+
+def coupling_network(channels_in: int, hidden: int, channels_out: int) -> nn.Sequential:
+    """3x3 conv, ReLU, 1x1 conv, ReLU, 3x3 conv; the last starts at zero (identity coupling)."""
+    last = nn.Conv2d(hidden, channels_out, 3, padding=1)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(
+        nn.Conv2d(channels_in, hidden, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(hidden, hidden, 1),
+        nn.ReLU(),
+        last,
+    )
+
+
+class AffineCoupling(nn.Module):
+    """Affine coupling with a bounded scale.
+
+    The input splits by channel into ``(x_a, x_b)``, ``x_a`` the first ``C // 2`` channels.
+    ``(t, h) = net(x_a)``, ``s = sigmoid(h + 2)`` in ``(0, 1)``, and
+    ``y = (x_a, (x_b + t) * s)``. ladj: ``sum(log s)`` per image. The network's last
+    convolution starts at zero, so a new coupling is a fixed scale ``sigmoid(2)``.
+    """
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+
+        self.kept = channels // 2
+        self.net = coupling_network(self.kept, hidden, 2 * (channels - self.kept))
+
+    def _shift_and_log_scale(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
+        shift, raw = self.net(x_a).chunk(2, dim=1)
+        return shift, F.logsigmoid(raw + SCALE_OFFSET)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x_a, x_b = x[:, : self.kept], x[:, self.kept :]
+        shift, log_scale = self._shift_and_log_scale(x_a)
+        y_b = (x_b + shift) * log_scale.exp()
+        return torch.cat([x_a, y_b], dim=1), log_scale.sum(dim=(1, 2, 3))
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        y_a, y_b = y[:, : self.kept], y[:, self.kept :]
+        shift, log_scale = self._shift_and_log_scale(y_a)
+        x_b = y_b * torch.exp(-log_scale) - shift
+        return torch.cat([y_a, x_b], dim=1), -log_scale.sum(dim=(1, 2, 3))
+
+
+class AdditiveCoupling(nn.Module):
+    """Additive coupling ``y = (x_a, x_b + net(x_a))``: volume preserving, ladj 0."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+
+        self.kept = channels // 2
+        self.net = coupling_network(self.kept, hidden, channels - self.kept)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x_a, x_b = x[:, : self.kept], x[:, self.kept :]
+        y = torch.cat([x_a, x_b + self.net(x_a)], dim=1)
+        return y, x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        y_a, y_b = y[:, : self.kept], y[:, self.kept :]
+        x = torch.cat([y_a, y_b - self.net(y_a)], dim=1)
+        return x, y.new_zeros(y.shape[0])
+
+
+class Squeeze(nn.Module):
+    """Space to channels: ``[B, C, H, W] -> [B, 4C, H/2, W/2]``; a permutation, ladj 0.
+
+    Output channel ``4c + 2i + j`` holds input channel ``c`` at offset ``(i, j)`` of each 2x2
+    block.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, h, w = x.shape
+        y = x.reshape(b, c, h // 2, 2, w // 2, 2)  # [B, C, H/2, i, W/2, j]
+        y = y.permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
+        return _like_format(y, x), x.new_zeros(b)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, h, w = y.shape
+        x = y.reshape(b, c // 4, 2, 2, h, w)  # [B, C, i, j, H/2, W/2]
+        x = x.permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
+        return _like_format(x, y), y.new_zeros(b)
+
+
+class Split(nn.Module):
+    """Split off half the channels as a latent, standardised by Glow's learned split prior.
+
+    ``x = (h, z)`` by channel, ``h`` the first ``C // 2`` channels (kept for the next level).
+    The split prior ``p_0(z | h) = N(mu(h), sigma(h)^2)`` comes from a zero-initialised 3x3
+    convolution of ``h``; the output is ``(h, r)`` with the standardised residual
+    ``r = (z - mu) / sigma``, standard normal under ``p_0``. ladj: ``-sum(log sigma)``.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+        self.kept = channels // 2
+        self.prior = nn.Conv2d(self.kept, 2 * (channels - self.kept), 3, padding=1)
+        nn.init.zeros_(self.prior.weight)
+        nn.init.zeros_(self.prior.bias)
+
+    def _mean_and_log_sigma(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        mean, log_sigma = self.prior(h).chunk(2, dim=1)
+        return mean, log_sigma
+
+    def forward(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        h, z = x[:, : self.kept], x[:, self.kept :]
+        mean, log_sigma = self._mean_and_log_sigma(h)
+        r = (z - mean) * torch.exp(-log_sigma)
+        return (h, r), -log_sigma.sum(dim=(1, 2, 3))
+
+    def inverse(self, y: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        h, r = y
+        mean, log_sigma = self._mean_and_log_sigma(h)
+        z = mean + r * log_sigma.exp()
+        return torch.cat([h, z], dim=1), log_sigma.sum(dim=(1, 2, 3))
+
+
+class Standardize(nn.Module):
+    """Glow's learned top prior ``N(mu, sigma^2)`` per dimension, as ``r = (z - mu) / sigma``.
+
+    ``mu`` and ``log sigma`` have shape ``[1, C, H, W]`` and start at zero. ladj:
+    ``-sum(log sigma)``.
+    """
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+
+        self.mean = nn.Parameter(torch.zeros(1, *shape))
+        self.log_sigma = nn.Parameter(torch.zeros(1, *shape))
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        r = (z - self.mean) * torch.exp(-self.log_sigma)
+        return r, _constant_ladj(-self.log_sigma.sum(), z.shape[0])
+
+    def inverse(self, r: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.mean + r * self.log_sigma.exp()
+        return _like_format(z, r), _constant_ladj(self.log_sigma.sum(), r.shape[0])
+
+
+class FlowStep(nn.Module):
+    """One step of Glow: actnorm, invertible 1x1 convolution, coupling."""
+
+    def __init__(self, channels: int, hidden: int, coupling: str) -> None:
+        super().__init__()
+
+        self.actnorm = ActNorm(channels)
+        self.invconv = InvConv1x1(channels)
+        if coupling == "affine":
+            self.coupling: nn.Module = AffineCoupling(channels, hidden)
+        else:
+            self.coupling = AdditiveCoupling(channels, hidden)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, ladj_norm = self.actnorm(x)
+        y, ladj_conv = self.invconv(y)
+        y, ladj_coupling = self.coupling(y)
+        return y, ladj_norm + ladj_conv + ladj_coupling
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x, ladj_coupling = self.coupling.inverse(y)
+        x, ladj_conv = self.invconv.inverse(x)
+        x, ladj_norm = self.actnorm.inverse(x)
+        return x, ladj_coupling + ladj_conv + ladj_norm
