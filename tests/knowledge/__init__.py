@@ -1,0 +1,1 @@
+"""Tests of the knowledge layer: registry, priors, rates, inference, sampling."""
