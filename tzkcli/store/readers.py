@@ -7,8 +7,8 @@ are checked against limits before anything is allocated, and every failure is a
 what was expected.
 
 Images are decoded with Pillow (installed with torchvision): it reads PNG (1-bit, grey, RGB(A),
-palette), JPEG, BMP, GIF and TIFF, and its BOX filter gives the area resampling the transforms
-use. Colour images are converted to grey with Pillow's ITU-R 601-2 luma (``L`` mode).
+palette), JPEG, BMP, GIF and TIFF. Colour images are converted to grey with Pillow's
+ITU-R 601-2 luma (``L`` mode); an alpha channel is dropped.
 """
 
 from __future__ import annotations
