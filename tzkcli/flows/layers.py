@@ -159,12 +159,31 @@ class InvConv1x1(nn.Module):
         return x, _constant_ladj(ladj, y.shape[0])
 
 
-def coupling_network(channels_in: int, hidden: int, channels_out: int) -> nn.Sequential:
+class CouplingNetwork(nn.Sequential):
+    """The network inside a coupling; ``compute_dtype`` is its only knob beyond ``Sequential``.
+
+    With ``compute_dtype`` set (e.g. ``torch.bfloat16``, by ``tzk train --precision bf16``) the
+    network runs under ``torch.autocast`` in that dtype and its output is cast back to the
+    input's dtype, so the coupling's transform, its ladj and everything after it stay in the
+    input's precision. ``None`` (the default) runs it as a plain ``Sequential``.
+    """
+
+    compute_dtype: torch.dtype | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.compute_dtype is None:
+            return super().forward(x)
+        with torch.autocast(x.device.type, dtype=self.compute_dtype):
+            h = super().forward(x)
+        return h.to(x.dtype)
+
+
+def coupling_network(channels_in: int, hidden: int, channels_out: int) -> CouplingNetwork:
     """3x3 conv, ReLU, 1x1 conv, ReLU, 3x3 conv; the last starts at zero (identity coupling)."""
     last = nn.Conv2d(hidden, channels_out, 3, padding=1)
     nn.init.zeros_(last.weight)
     nn.init.zeros_(last.bias)
-    return nn.Sequential(
+    return CouplingNetwork(
         nn.Conv2d(channels_in, hidden, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(hidden, hidden, 1),

@@ -114,6 +114,7 @@ def write_checkpoint(
     temporary = Path(tempfile.mkdtemp(prefix=f"{fsio.TMP_PREFIX}{name}.", dir=directory))
     final = directory / name
     try:
+        temporary.chmod(0o755)
         save_model(temporary / "model")
         torch.save(state, temporary / "state.pt")
         files = {

@@ -14,7 +14,12 @@ permutations of its rows, a larger one is subsampled afresh each epoch.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
+import torch
 
 from tzkcli.errors import BadInputError
 
@@ -140,3 +145,44 @@ def validation_positions(
         members = np.flatnonzero(groups == g)
         chosen.append((int(g), np.sort(rng.permutation(members)[:per])))
     return chosen
+
+
+class RankBatches:
+    """Batch ``n`` of the data order as this rank reads it: ``(positions, x, codes)``.
+
+    ``x`` is uint8 ``[B / world, C, H, W]``; ``codes`` int64 ``[B / world, n_kinds]`` with the
+    labels hidden outside ``labelled``. A map-style dataset over batch numbers, so that a
+    ``DataLoader`` with workers prefetches the next batches in background processes while the
+    order itself stays a pure function of the batch number.
+    """
+
+    def __init__(self, dataset: Any, order: DataOrder, labelled: np.ndarray, rank: int,
+                 world: int) -> None:
+        self.dataset = dataset
+        self.order = order
+        self.labelled = labelled
+        self.rank = rank
+        self.world = world
+
+    def __getitem__(self, number: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        positions = rank_share(self.order.batch(int(number)), self.rank, self.world)
+        x, codes = self.dataset.batch(positions)
+        codes = torch.from_numpy(hide_labels(codes.numpy(), self.labelled[positions]))
+        return positions, x, codes
+
+
+def batch_stream(
+    batches: RankBatches, start: int, workers: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Batches ``start, start + 1, ...`` forever: read inline, or prefetched by ``workers``."""
+    if workers == 0:
+        return (batches[n] for n in itertools.count(start))
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(batches, batch_size=None, sampler=itertools.count(start),
+                        num_workers=workers, prefetch_factor=4, collate_fn=_identity)
+    return iter(loader)
+
+
+def _identity(item: Any) -> Any:
+    return item
