@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tzkcli import __version__, fsio
-from tzkcli.errors import BadInputError
+from tzkcli.errors import BadInputError, UsageError
 from tzkcli.store.manifest import Manifest
 from tzkcli.store.reader import (DEFAULT_SHAPE, FORMAT_NAME, FORMAT_VERSION, READ_BLOCK_BYTES,
                                  ContentDigest, Store, open_store)
@@ -70,13 +70,13 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     """Parse ``CxHxW`` (e.g. ``1x32x32``).
 
     Raises:
-        BadInputError: not three positive integers within the store's limits.
+        UsageError: not three positive integers within the store's limits.
     """
     pieces = text.lower().split("x")
     ok = len(pieces) == 3 and all(p.isdigit() for p in pieces)
     shape = tuple(int(p) for p in pieces) if ok else ()
     if not ok or not (1 <= shape[0] <= 4 and all(1 <= s <= 4096 for s in shape[1:])):
-        raise BadInputError(
+        raise UsageError(
             f"--shape: found {text!r}; expected CxHxW such as 1x32x32 (C in 1..4, sides "
             "in 1..4096)"
         )
