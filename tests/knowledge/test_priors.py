@@ -42,6 +42,10 @@ def direct_gaussian(r, loc, log_scale) -> torch.Tensor:
     return total
 
 
+def noise_covariance(module) -> torch.Tensor:
+    return module.log_noise.detach().exp() ** 2 * torch.eye(4, dtype=torch.float64)
+
+
 def test_base_prior_is_the_standard_normal():
     priors = ConditionPriors(SHAPES).double()
     r = residuals()
@@ -81,7 +85,7 @@ def test_bottleneck_matches_multivariate_normal_with_full_covariance():
         split_scale = torch.cat([module.log_scale.detach(), torch.zeros(4, dtype=torch.float64)])
         split = direct_gaussian(r, split_loc, split_scale) - Normal(0.0, 1.0).log_prob(top).sum(1)
         factor = module.factor.detach()
-        covariance = factor @ factor.T + module.log_noise.detach().exp() ** 2 * torch.eye(4, dtype=torch.float64)
+        covariance = factor @ factor.T + noise_covariance(module)
         full = MultivariateNormal(module.mean.detach(), covariance).log_prob(top)
         torch.testing.assert_close(scored[:, k], split + full, rtol=0, atol=1e-10)
 
@@ -152,7 +156,7 @@ def test_code_is_the_posterior_mean():
 
     module = priors.conditions[0]
     factor, mean = module.factor.detach(), module.mean.detach()
-    covariance = factor @ factor.T + module.log_noise.detach().exp() ** 2 * torch.eye(4, dtype=torch.float64)
+    covariance = factor @ factor.T + noise_covariance(module)
     expected = (r[-1].flatten(1) - mean) @ torch.linalg.solve(covariance, factor)
     torch.testing.assert_close(code, expected, rtol=0, atol=1e-10)
 

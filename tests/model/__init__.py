@@ -1,0 +1,1 @@
+"""Tests of the TzK model: bits/dim, objective, sampling, save and load."""
