@@ -339,7 +339,7 @@ class _Trainer:
             self.step_module: nn.Module = nn.parallel.DistributedDataParallel(
                 _Objective(self.model, self.config.beta, self.config.impute),
                 device_ids=[self.world.device] if self.world.device.type == "cuda" else None,
-                find_unused_parameters=True,
+                find_unused_parameters=False,
             )
         else:
             self.step_module = _Objective(self.model, self.config.beta, self.config.impute)
