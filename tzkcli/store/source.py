@@ -291,11 +291,11 @@ def prepare_source(manifest: Manifest, data_root: Path, shape: tuple[int, int, i
         split_codes = split_codes[keep]
     split_names, split_codes = _apply_split_rule(manifest, split_names, split_codes)
 
-    domain = {k: list(spec.values) if spec.values else [] for k, spec in manifest.kinds.items()}
+    domain = {}
     for kind, (values, codes) in kinds.items():
-        if not manifest.kinds[kind].values:
-            seen = np.unique(codes[codes >= 0])
-            domain[kind] = [values[i] for i in seen]
+        declared = manifest.kinds[kind].values is not None
+        seen = range(len(values)) if declared else np.unique(codes[codes >= 0])
+        domain[kind] = [values[i] for i in seen]
     files = [
         {"key": key, "path": entry.path, "sha256": entry.sha256}
         for key, entry in manifest.files.items()
@@ -310,12 +310,11 @@ def _merge_kinds(manifest: Manifest, raw_kinds: list[dict[str, readers.RawColumn
     """Namespace the raw values and join the parts' columns (-1 where a part has no value)."""
     merged = {}
     for kind, spec in manifest.kinds.items():
-        raw_values: list[str] = list(spec.values) if spec.values else []
-        for columns in raw_kinds:
-            if kind in columns:
-                raw_values.extend(v for v in columns[kind].values if v not in raw_values)
-        if not spec.values:
-            raw_values = _natural_order(raw_values)
+        if spec.values is not None:
+            raw_values = list(spec.values)
+        else:
+            seen = {v for columns in raw_kinds if kind in columns for v in columns[kind].values}
+            raw_values = _natural_order(list(seen))
         position = {value: i for i, value in enumerate(raw_values)}
 
         pieces = []
