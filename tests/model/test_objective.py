@@ -163,3 +163,23 @@ def test_objective_decreases_on_real_mnist(data_root):
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
     assert parts["imputed"].item() == pytest.approx(0.25)
+
+
+def test_model_posterior_and_existence():
+    model = two_dataset_model()
+    shift(model, "label=mnist/0", 0.3, -0.5)
+    x = torch.randint(0, 256, (5, 1, 1, 2), generator=torch.Generator().manual_seed(0),
+                      dtype=torch.uint8)
+    datasets = torch.tensor([0, 0, 0, 1, 1])
+
+    labels = model.posterior(x, "label", datasets, torch.Generator().manual_seed(1))
+    origin = model.posterior(x, "dataset", generator=torch.Generator().manual_seed(1))
+    odds = model.existence(x, ["label=mnist/0"], torch.Generator().manual_seed(1))
+
+    torch.testing.assert_close(labels[:3].sum(1), torch.ones(3, dtype=torch.float64))
+    assert torch.all(labels[3:] == 0)                  # omniglot images have no label
+    torch.testing.assert_close(origin.sum(1), torch.ones(5, dtype=torch.float64))
+    scores = model.score(x, ["label=mnist/0"], torch.Generator().manual_seed(1))
+    ratio = scores.log_prior[:, 0] - scores.log_prior_base
+    torch.testing.assert_close(odds[:, 0], torch.sigmoid(torch.logit(
+        torch.tensor(0.5, dtype=torch.float64)) + ratio))
