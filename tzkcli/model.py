@@ -395,9 +395,7 @@ class TzK(nn.Module):
         active = log_prior.new_zeros(batch, len(self.registry))
         ce = log_prior.new_zeros(batch)
         imputed = log_prior.new_zeros(batch)
-        rows = torch.arange(batch, device=codes.device)
         datasets = codes[:, 0]
-        outside = torch.zeros_like(codes, dtype=torch.bool)
 
         for column, kind in enumerate(self.registry.kinds):
             indices = self._indices(kind)
@@ -414,9 +412,9 @@ class TzK(nn.Module):
             applies = admissible.any(dim=1)
             logits = torch.where(applies[:, None], logits, torch.zeros_like(logits))
 
+            # scatter_add_ rather than boolean indexing: no device synchronisation.
             safe_code = code.clamp(min=0)
-            outside[:, column] = known & ~admissible.gather(1, safe_code[:, None])[:, 0]
-            active[rows[known], indices[safe_code[known]]] = 1.0
+            active.scatter_add_(1, indices[safe_code][:, None], known.to(active.dtype)[:, None])
             if beta:
                 log_post = torch.log_softmax(logits, dim=1)
                 picked = log_post.gather(1, safe_code[:, None])[:, 0]
@@ -427,22 +425,10 @@ class TzK(nn.Module):
                 source = logits.detach() if impute == "posterior" else \
                     log_rates.expand_as(logits).masked_fill(~admissible, float("-inf"))
                 draws = _draw(source, missing, generator)
-                active[rows[missing], indices[draws[missing]]] = 1.0
+                weight = missing.to(active.dtype)[:, None]
+                active.scatter_add_(1, indices[draws][:, None], weight)
                 imputed = imputed + missing.to(imputed.dtype)
-
-        if bool(outside.any()):
-            self._raise_outside(codes, outside)
         return active, ce, imputed
-
-    def _raise_outside(self, codes: Tensor, outside: Tensor) -> None:
-        row, column = outside.nonzero()[0].tolist()
-        kind = self.registry.kinds[column]
-        value = self.registry.values(kind)[int(codes[row, column])]
-        dataset = self.registry.values(DATASET)[int(codes[row, 0])]
-        raise BadInputError(
-            f"codes[{row}, {column}]: {kind}={value} for an image of dataset={dataset}, "
-            f"expected a value of {kind} in that dataset's domain"
-        )
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -621,8 +607,11 @@ class TzK(nn.Module):
         return self._cache[key]
 
     def _log_rates(self, kind: str) -> Tensor:
-        # Rates change only when counted, which is rare: recomputing them is cheap on the CPU.
-        return self.rates.log_categorical(kind, self.priors.dtype).to(self.priors.anchor.device)
+        key = f"rates:{kind}:{id(self.rates)}:{self.rates.version}"
+        if key not in self._cache:
+            log_rates = self.rates.log_categorical(kind, self.priors.dtype)
+            self._cache[key] = log_rates.to(self.priors.anchor.device)
+        return self._cache[key]
 
     def _check_images(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
@@ -645,13 +634,43 @@ class TzK(nn.Module):
         sizes = torch.tensor([len(self.registry.values(k)) for k in kinds], device=codes.device)
         lowest = torch.full_like(sizes, -1)
         lowest[0] = 0
-        if bool(((codes < lowest) | (codes >= sizes)).any()):
-            row, column = ((codes < lowest) | (codes >= sizes)).nonzero()[0].tolist()
+        out_of_range = (codes < lowest) | (codes >= sizes)
+        clamped = codes.clamp(min=0).minimum((sizes - 1).clamp(min=0))
+        outside = self._outside_domain(clamped) & (codes >= 0)
+        # One synchronisation for both checks, before the flow pass is queued.
+        if bool((out_of_range | outside).any()):
+            self._raise_bad_code(codes, out_of_range, outside, lowest, sizes)
+        return codes
+
+    def _outside_domain(self, codes: Tensor) -> Tensor:
+        """Bool ``[B, n_kinds]``: known values not in the image's dataset's domain."""
+        outside = torch.zeros_like(codes, dtype=torch.bool)
+        for column, kind in enumerate(self.registry.kinds[1:], start=1):
+            if not self.registry.values(kind):
+                continue
+            admissible = self._domain(kind)[codes[:, 0]]
+            outside[:, column] = ~admissible.gather(1, codes[:, column:column + 1])[:, 0]
+        return outside
+
+    def _raise_bad_code(
+        self, codes: Tensor, out_of_range: Tensor, outside: Tensor, lowest: Tensor,
+        sizes: Tensor,
+    ) -> None:
+        kinds = self.registry.kinds
+        if bool(out_of_range.any()):
+            row, column = out_of_range.nonzero()[0].tolist()
             raise BadInputError(
                 f"codes[{row}, {column}] ({kinds[column]}): found {int(codes[row, column])}, "
                 f"expected {int(lowest[column])}..{int(sizes[column]) - 1}"
             )
-        return codes
+        row, column = outside.nonzero()[0].tolist()
+        kind = kinds[column]
+        value = self.registry.values(kind)[int(codes[row, column])]
+        dataset = self.registry.values(DATASET)[int(codes[row, 0])]
+        raise BadInputError(
+            f"codes[{row}, {column}]: {kind}={value} for an image of dataset={dataset}, "
+            f"expected a value of {kind} in that dataset's domain"
+        )
 
 
 def _draw(logits: Tensor, rows: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -130,3 +130,26 @@ def test_priors_stay_float32_when_the_flow_returns_bfloat16():
     model = TzK(ModelConfig(), digits_registry(), flow=HalfFlow((1, 1, 2)))
     scores = model.score(torch.zeros(2, 1, 1, 2, dtype=torch.uint8))
     assert scores.bpd.dtype == torch.float32 and scores.log_prior_base.dtype == torch.float32
+
+
+def test_a_composition_is_scored_from_its_closed_form():
+    model = identity_model()
+    model.registry.add_kind("stroke")
+    model.add_condition("stroke", "thick")
+    with torch.no_grad():
+        model.priors.conditions[2].loc.fill_(0.3)
+        model.priors.conditions[4].log_scale.fill_(-0.2)
+    x = torch.tensor([[[[40, 90]]]], dtype=torch.uint8)
+
+    bpd, composition = model.score_composition(
+        x, ["label=mnist/1", "stroke=thick", "dataset=mnist"], torch.Generator().manual_seed(0))
+
+    # precision exp(0) + exp(0.4) - 1, mean 0.3 / precision, per pixel
+    precision = math.exp(0.4)
+    mean = 0.3 / precision
+    u = noise((1, 1, 1, 2), 0).flatten().tolist()
+    xt = [(40 + u[0]) / 256, (90 + u[1]) / 256]
+    nats = sum(precision * (t - mean) ** 2 / 2 - 0.5 * math.log(precision) + LOG_2PI / 2
+               for t in xt)
+    assert composition.dropped == (0,) and composition.conditions == (2, 4)
+    assert bpd.item() == pytest.approx(nats / (2 * math.log(2)) + 8, abs=1e-12)

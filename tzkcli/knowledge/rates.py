@@ -38,6 +38,7 @@ class KnowledgeRates:
         self.registry = registry
         self.total = 0
         self.counts: dict[str, int] = {}
+        self.version = 0
 
     def count(self, codes: Tensor) -> None:
         """Add the images of ``codes`` (int ``[N, n_kinds]``, registry kind order, -1 unknown)."""
@@ -66,6 +67,7 @@ class KnowledgeRates:
                     spec = f"{kind}={value}"
                     self.counts[spec] = self.counts.get(spec, 0) + int(n)
         self.total += int(codes.shape[0])
+        self.version += 1
 
     def kind_counts(self, kind: str) -> list[int]:
         """Counted images of each value of ``kind``, in value order."""
@@ -109,4 +111,5 @@ class KnowledgeRates:
                 raise BadInputError(f"{source}.counts[{spec!r}]: found {n!r}, expected a count")
             rates.counts[spec] = n
         rates.total = total
+        rates.version += 1
         return rates
