@@ -144,3 +144,10 @@ def test_error_messages_never_span_lines():
                                      ).replace("fraction = 0.2", 'fraction = "a\\nb"'))
     assert "\n" not in str(raised.value)
     assert re.search(r"split\.fraction", str(raised.value))
+
+
+def test_the_documented_example_parses():
+    text = (MANIFESTS.parent / "docs" / "manifests.md").read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    manifest = parse_manifest(example, origin="docs/manifests.md")
+    assert manifest.name == "mnist" and manifest.parts[0].kinds["label"].idx == "train-labels"
