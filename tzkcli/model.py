@@ -171,6 +171,11 @@ class TzK(nn.Module):
 
     Priors and log-determinants are computed in the priors' dtype (float32 unless the model
     is converted to float64), whatever dtype the flow's residuals come in.
+
+    Warning:
+        A condition added after an optimiser was built is not in that optimiser: add its
+        ``condition_parameters`` as a new parameter group. Generators passed to any method
+        must live on the model's device. The rates change only through ``rates.count``.
     """
 
     def __init__(
@@ -476,6 +481,9 @@ class TzK(nn.Module):
             raise BadInputError("sample: found both conditions and mixture, expected one")
         source: Any = None
         if mixture is not None:
+            if not self.registry.values(mixture):
+                raise BadInputError(f"mixture {mixture!r}: the kind has no conditions, "
+                                    "expected a kind with at least one value")
             probs = self.rates.log_categorical(mixture, torch.float64).exp()
             source = Mixture(self.registry.condition_indices(mixture), probs)
         elif conditions is not None:

@@ -133,7 +133,16 @@ def read_mnist(root, count: int) -> tuple[torch.Tensor, torch.Tensor]:
             torch.from_numpy(labels.astype(np.int64)))
 
 
-def test_objective_decreases_on_real_mnist(data_root):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, more threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_objective_decreases_on_real_mnist(data_root, one_thread):
     from tzkcli.flows import GlowConfig
 
     torch.manual_seed(0)
