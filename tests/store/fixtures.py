@@ -206,7 +206,10 @@ def write_small_sources(data_root: Path, workdir: Path, n_train: int = 200, n_te
 
 def build_small_store(store: Path, data_root: Path, workdir: Path | None = None) -> Path:
     """Build a small real store at ``store`` (300 MNIST, 180 Omniglot after deduplication of
-    240, and 100 atlas images, shape 1x32x32) from the real data under ``data_root``; return its path."""
+    240, and 100 atlas images, shape 1x32x32) from the real data under ``data_root``.
+
+    Returns the store's path; the cut-down sources and manifests are left in ``workdir``.
+    """
     from tzkcli.store import ingest, load_manifest
 
     workdir = workdir or store.parent / "small-sources"

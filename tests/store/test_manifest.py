@@ -126,7 +126,8 @@ def test_fuzz_mutated_manifests(data):
             if action == "value":
                 lines[index] = f"{key}= {data.draw(toml_values)}"
             else:
-                lines[index] = f"{data.draw(st.from_regex(r'[a-z_]{1,8}', fullmatch=True))} ={value}"
+                new_key = data.draw(st.from_regex(r"[a-z_]{1,8}", fullmatch=True))
+                lines[index] = f"{new_key} ={value}"
         if not lines:
             lines = [""]
     _outcome("\n".join(lines))

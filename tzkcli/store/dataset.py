@@ -79,7 +79,8 @@ class StoreDataset(Dataset):
             raise IndexError(f"position {position} out of range for {len(self)} images")
         position = int(position) % len(self)
         image = self._images_at(np.array([position]))[0]
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(self.codes[position])
+        codes = torch.from_numpy(self.codes[position])
+        return torch.from_numpy(np.ascontiguousarray(image)), codes
 
     def batch(self, positions: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Images uint8 ``[B, C, H, W]`` and codes int64 ``[B, n_kinds]`` in one read."""

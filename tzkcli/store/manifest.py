@@ -253,7 +253,9 @@ def load_manifest(path: str | Path) -> Manifest:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise BadInputError(f"{path}: manifest not found; expected an existing TOML file") from None
+        raise BadInputError(
+            f"{path}: manifest not found; expected an existing TOML file"
+        ) from None
     except OSError as error:
         raise BadInputError(f"{path}: cannot read manifest ({error.strerror})") from None
     if len(raw) > MAX_MANIFEST_BYTES:

@@ -84,6 +84,11 @@ def _tree_files(root: Path) -> list[tuple[str, Path]]:
     return sorted(files)
 
 
+def shown(text: str) -> str:
+    """``text`` with non-printable characters escaped, so that a message stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _hidden(relative: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in relative.split("/"))
 
@@ -247,7 +252,7 @@ def open_zip(data: bytes, origin: str) -> zipfile.ZipFile:
 def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, origin: str,
                 limit: int = MAX_MEMBER_BYTES) -> bytes:
     """Read one zip member, checking its declared size first and its CRC after."""
-    where = f"{origin}: member {info.filename}"
+    where = f"{origin}: member {shown(info.filename)}"
     if info.file_size > limit:
         raise BadInputError(f"{where}: {info.file_size} bytes; expected at most {limit}")
     try:
@@ -272,7 +277,8 @@ def tree_entries(path: Path, data: bytes | None, origin: str,
         return
     archive = open_zip(data, origin)
     members = sorted(
-        (info for info in archive.infolist() if not info.is_dir() and wanted(info.filename)),
+        (info for info in archive.infolist()
+         if info.filename and not info.is_dir() and wanted(info.filename)),
         key=lambda info: info.filename,
     )
     for info in members:
@@ -302,11 +308,11 @@ def read_image_tree(path: Path, data: bytes | None, origin: str, color: str,
         for kind, depths in folder_kinds.items():
             if max(depths) >= len(folders):
                 raise BadInputError(
-                    f"{origin}: {name} has {len(folders)} folders; kind {kind!r} needs folder "
-                    f"depth {max(depths)}"
+                    f"{origin}: {shown(name)} has {len(folders)} folders; kind {kind!r} needs "
+                    f"folder depth {max(depths)}"
                 )
             raw[kind].append("/".join(folders[d] for d in depths))
-        pixels.append(decode_image(read(), f"{origin}: member {name}", color))
+        pixels.append(decode_image(read(), f"{origin}: member {shown(name)}", color))
         names.append(name)
         if progress is not None and (done % 256 == 0 or done + 1 == len(entries)):
             progress(done + 1, len(entries))

@@ -332,10 +332,10 @@ def _merge_kinds(manifest: Manifest, raw_kinds: list[dict[str, readers.RawColumn
 
 
 def _position(position: dict[str, int], value: str, manifest: Manifest, kind: str) -> int:
-    if not 0 < len(value) <= MAX_VALUE_CHARS:
+    if not 0 < len(value) <= MAX_VALUE_CHARS or not value.isprintable():
         raise BadInputError(
             f"{manifest.origin}: kind {kind!r}: raw value {value[:60]!r}; expected 1 to "
-            f"{MAX_VALUE_CHARS} characters"
+            f"{MAX_VALUE_CHARS} printable characters"
         )
     if value not in position:
         raise BadInputError(
