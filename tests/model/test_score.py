@@ -153,3 +153,18 @@ def test_a_composition_is_scored_from_its_closed_form():
                for t in xt)
     assert composition.dropped == (0,) and composition.conditions == (2, 4)
     assert bpd.item() == pytest.approx(nats / (2 * math.log(2)) + 8, abs=1e-12)
+
+
+def test_a_callers_bf16_autocast_does_not_lower_the_priors():
+    model = TzK(ModelConfig(), digits_registry(), flow=IdentityFlow((1, 4, 4)))
+    with torch.no_grad():
+        for parameter in model.priors.parameters():
+            parameter.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
+
+    plain = model.score(x, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.score(x, generator=torch.Generator().manual_seed(1))
+
+    assert mixed.bpd.dtype == torch.float32
+    assert torch.equal(mixed.bpd, plain.bpd)

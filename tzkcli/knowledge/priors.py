@@ -257,17 +257,25 @@ class ConditionPriors(nn.Module):
 
     def stats(self, r: Sequence[Tensor]) -> ResidualStats:
         """Sufficient statistics of ``r`` in this module's dtype (float32 or wider)."""
-        return self.layout.stats(r, self.dtype)
+        with _full_precision(self.anchor):
+            return self.layout.stats(r, self.dtype)
 
     def base_log_prob(self, stats: ResidualStats) -> Tensor:
         """``log p_0(r) = log N(r; 0, I)``, ``[B]``."""
         return stats.base_log_prob() - 0.5 * self.layout.dims * LOG_2PI
 
     def log_prob(self, stats: ResidualStats, conditions: Sequence[int] | None = None) -> Tensor:
-        """``log p_k(r)`` for each condition ``k`` (default all), ``[B, K]``, in that order."""
+        """``log p_k(r)`` for each condition ``k`` (default all), ``[B, K]``, in that order.
+
+        Computed with autocast off, so a caller's bf16 autocast never lowers the priors.
+        """
         modules = self._select(conditions)
         if not modules:
             return stats.s1.new_zeros(stats.s1.shape[0], 0)
+        with _full_precision(self.anchor):
+            return self._log_prob(stats, modules)
+
+    def _log_prob(self, stats: ResidualStats, modules: list[nn.Module]) -> Tensor:
 
         gaussian = [j for j, m in enumerate(modules) if m.form == "gaussian"]
         bottleneck = [j for j, m in enumerate(modules) if m.form == "bottleneck"]
@@ -330,6 +338,10 @@ class ConditionPriors(nn.Module):
             ``[B, q]``, the low-dimensional representation of each image under the condition.
         """
         module = self._module(condition)
+        with _full_precision(self.anchor):
+            return self._code(stats, module, condition)
+
+    def _code(self, stats: ResidualStats, module: nn.Module, condition: int) -> Tensor:
         if module.form != "bottleneck":
             raise BadInputError(
                 f"condition {condition}: has a {module.form!r} prior, expected a bottleneck "
@@ -346,3 +358,8 @@ class ConditionPriors(nn.Module):
                 f"condition index {condition}: out of range, expected 0..{len(self) - 1}"
             )
         return self.conditions[condition]
+
+
+def _full_precision(like: Tensor) -> torch.autocast:
+    """A context with autocast off on ``like``'s device type."""
+    return torch.autocast(like.device.type, enabled=False)
