@@ -248,9 +248,9 @@ class TzK(nn.Module):
             conditions: global indices or ``"kind=value"`` specs.
             generator: the dequantisation noise's generator.
         """
-        r, ladj = self.residuals(x, generator)
         indices = (list(range(len(self.registry))) if conditions is None
                    else self.registry.resolve(conditions))
+        r, ladj = self.residuals(x, generator)
 
         stats = self.priors.stats(r)
         log_base = self.priors.base_log_prob(stats)
