@@ -364,3 +364,12 @@ def test_malformed_shape_flag(tmp_path: Path, tzk):
     result = tzk("ingest", idx_source(tmp_path), "--store", tmp_path / "s.h5", "--data-root",
                  tmp_path, "--shape", "32x32")
     assert result.code == 2 and "--shape" in one_error_line(result)
+
+
+def test_store_path_in_a_missing_folder_or_a_folder(tmp_path: Path, tzk):
+    manifest = idx_source(tmp_path)
+    result = tzk("ingest", manifest, "--store", tmp_path / "no" / "s.h5", "--data-root",
+                 tmp_path)
+    assert result.code == 3 and "does not exist" in one_error_line(result)
+    result = tzk("ingest", manifest, "--store", tmp_path, "--data-root", tmp_path)
+    assert result.code == 3 and "is not a file" in one_error_line(result)

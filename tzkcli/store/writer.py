@@ -100,7 +100,10 @@ def ingest(manifests: Sequence[Manifest], store_path: str | os.PathLike[str],
     """
     store_path = Path(store_path)
     data_root = Path(data_root)
+    if not manifests:
+        raise BadInputError("no manifest given; expected at least one MANIFEST")
     _check_distinct(manifests)
+    _check_store_path(store_path)
     if not data_root.is_dir():
         raise BadInputError(f"--data-root: {data_root} is not a directory; expected the data root")
 
@@ -114,6 +117,17 @@ def ingest(manifests: Sequence[Manifest], store_path: str | os.PathLike[str],
         finally:
             if old is not None:
                 old.close()
+
+
+def _check_store_path(store_path: Path) -> None:
+    directory = store_path.parent if str(store_path.parent) else Path(".")
+    if not directory.is_dir():
+        raise BadInputError(
+            f"--store: {store_path}: folder {directory} does not exist; expected an existing "
+            "folder"
+        )
+    if store_path.exists() and not store_path.is_file():
+        raise BadInputError(f"--store: {store_path} is not a file; expected an HDF5 store path")
 
 
 def _check_distinct(manifests: Sequence[Manifest]) -> None:
@@ -152,8 +166,6 @@ def _ingest_locked(manifests: Sequence[Manifest], store_path: Path, data_root: P
                 "and files, or --replace"
             )
 
-    if not manifests:
-        raise BadInputError("no manifest given; expected at least one MANIFEST")
     if not todo and old is not None:
         return IngestReport(store_path, False, shape, len(old), old.digest,
                             [outcomes[m.name] for m in manifests])
