@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from tzkcli.cli.common import guarded, print_json, stderr, stdout
 from tzkcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from tzkcli.store import IngestReport
 
 DATA_ROOT_ENV = "TZK_DATA_ROOT"
 
@@ -83,7 +89,7 @@ def ingest_command(
                      f"{report.digest})")
 
 
-def _as_json(report) -> dict:
+def _as_json(report: IngestReport) -> dict[str, Any]:
     return {
         "store": str(report.path),
         "written": report.written,
@@ -101,9 +107,11 @@ def _as_json(report) -> dict:
 class _progress:
     """A Rich progress display on stderr, only when stderr is a terminal."""
 
-    def __enter__(self):
+    _progress: Progress | None
+
+    def __enter__(self) -> Callable[[str, int, int], None] | None:
+        self._progress = None
         if not stderr.is_terminal:
-            self._progress = None
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -114,6 +122,8 @@ class _progress:
         return self.update
 
     def update(self, stage: str, done: int, total: int) -> None:
+        if self._progress is None:
+            return
         if stage not in self._tasks:
             self._tasks[stage] = self._progress.add_task(stage, total=total)
         self._progress.update(self._tasks[stage], completed=done, total=total)

@@ -100,7 +100,11 @@ class Store:
         self.path = Path(path)
         if not self.path.is_file():
             raise BadInputError(f"{self.path}: store not found; expected an HDF5 tzk store")
-        if not h5py.is_hdf5(self.path):
+        try:
+            is_hdf5 = h5py.is_hdf5(self.path)
+        except OSError as error:
+            raise BadInputError(f"{self.path}: cannot read ({error})") from None
+        if not is_hdf5:
             raise BadInputError(f"{self.path}: not an HDF5 file; expected a tzk store")
         try:
             self._file = h5py.File(self.path, "r", locking=False)
@@ -120,7 +124,11 @@ class Store:
     def _attr(self, name: str) -> Any:
         if name not in self._file.attrs:
             raise self._fail(f"/ attribute {name!r}", "nothing", "a tzk store attribute")
-        return self._file.attrs[name]
+        try:
+            return self._file.attrs[name]
+        except (OSError, TypeError, ValueError) as error:
+            raise self._fail(f"/ attribute {name!r}", f"an unreadable value ({error})",
+                             "a tzk store attribute") from None
 
     def _text_attr(self, name: str) -> str:
         value = self._attr(name)
