@@ -57,3 +57,27 @@ def test_sigkill_during_checkpoint_write_resumes_from_an_intact_one(
     assert result.code == 0, result.stderr
     assert ckpt.list_checkpoints(run / "checkpoints")[-1].step == latest + 2
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigterm_checkpoints_the_last_step_and_exits_130(small_store: Path,
+                                                         tmp_path: Path) -> None:
+    run = tmp_path / "stopped"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tzkcli", "train", "--store", str(small_store), "--out", str(run),
+         *TINY, "--steps", "100000", "--checkpoint-every", "100000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and metrics.read_text().count('"type": "train"') >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    last = ckpt.list_checkpoints(run / "checkpoints")[-1]
+    ckpt.verify(last)
+    assert last.step >= 3

@@ -213,5 +213,12 @@ def prune(directory: Path, keep_last: int, best: str | None) -> None:
 
 
 def write_run_record(run: Path, record: dict[str, Any]) -> None:
-    """Write ``RUN/run.json`` (latest, best, status) atomically."""
-    fsio.atomic_write_text(run / "run.json", json.dumps(record, indent=2) + "\n")
+    """Update ``RUN/run.json`` (latest, best, status) atomically; keys that other commands
+    wrote there (``tzk extend``) are kept."""
+    path = run / "run.json"
+    merged: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads(path.read_text(encoding="utf-8"))
+        merged = old if isinstance(old, dict) else {}
+    merged.update(record)
+    fsio.atomic_write_text(path, json.dumps(merged, indent=2) + "\n")

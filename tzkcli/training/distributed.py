@@ -90,6 +90,15 @@ def any_true(flag: bool, world: World) -> bool:
     return bool(value.item() > 0)
 
 
+def any_flags(flags: list[bool], world: World) -> list[bool]:
+    """For each flag, whether it is true on any rank (one all-reduce for all of them)."""
+    if not world.distributed:
+        return list(flags)
+    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=world.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in value.tolist()]
+
+
 def mean(value: torch.Tensor, world: World) -> torch.Tensor:
     """The mean of ``value`` over ranks (a no-op for a world of one)."""
     if not world.distributed:

@@ -363,40 +363,17 @@ class _Trainer:
     def loop(self) -> TrainResult:
         """Train until the budget is spent; checkpoint on the way and at the end."""
         total = self.total_steps()
-        started = time.monotonic()
-        self._emit({"type": "start", "step": self.step, "total_steps": total,
-                    "time_budget": self.config.time_budget})
-        batches = RankBatches(self.data.train, self.order, self.labelled, self.world.rank,
-                              self.world.size)
-        self.stream = batch_stream(batches, self.order.drawn, self.config.workers)
-        bad_in_row = 0
-        window = _Window()
-        reason = "steps" if self.config.steps is not None and total == self.config.steps else (
-            "epochs")
-        last: dict[str, Any] = {}
+        self.begin(total)
+        reason = "steps" if total == self.config.steps else "epochs"
         with _stop_signals() as stop:
             while self.step < total:
-                outcome = self._one_step(window)
-                if outcome is None:
-                    bad_in_row += 1
-                    if bad_in_row >= self.config.max_bad_steps:
-                        self._recover()
-                        bad_in_row = 0
-                else:
-                    bad_in_row = 0
-                    last = outcome
-                    self._after_step(outcome, window)
-
-                elapsed = (time.monotonic() - started) / 60
-                out_of_time = self.config.time_budget is not None and (
-                    elapsed >= self.config.time_budget)
-                if distributed.any_true(bool(stop) or out_of_time, self.world):
-                    reason = "interrupted" if distributed.any_true(bool(stop), self.world) else (
-                        "time_budget")
+                stopped = self.iteration(stop)
+                if stopped is not None:
+                    reason = stopped
                     break
 
         del self.stream
-        if self.step % self.config.val_every and self.data.validation:
+        if reason != "interrupted" and self.step % self.config.val_every and self.data.validation:
             self._validate()
         if self.latest != ckpt.checkpoint_name(self.step):
             self._checkpoint()
@@ -408,7 +385,40 @@ class _Trainer:
         if reason == "interrupted":
             raise KeyboardInterrupt
         return TrainResult(self.run, self.step, reason, self.latest, self.best,
-                           self.best_bpd, last)
+                           self.best_bpd, self.last)
+
+    def begin(self, total: int) -> None:
+        """Open the batch stream and the clock of this invocation."""
+        self._emit({"type": "start", "step": self.step, "total_steps": total,
+                    "time_budget": self.config.time_budget})
+        batches = RankBatches(self.data.train, self.order, self.labelled, self.world.rank,
+                              self.world.size)
+        self.stream = batch_stream(batches, self.order.drawn, self.config.workers)
+        self.started = time.monotonic()
+        self.bad_in_row = 0
+        self.window = _Window()
+        self.last: dict[str, Any] = {}
+
+    def iteration(self, stop: list[str]) -> str | None:
+        """One pass of the loop: a step (or a skip, or a recovery), its records, validation
+        and checkpoint when due; returns why to stop now (``interrupted``, ``time_budget``)."""
+        outcome = self._one_step(self.window)
+        if outcome is None:
+            self.bad_in_row += 1
+            if self.bad_in_row >= self.config.max_bad_steps:
+                self._recover()
+                self.bad_in_row = 0
+        else:
+            self.bad_in_row = 0
+            self.last = outcome
+            self._after_step(outcome, self.window)
+
+        budget = self.config.time_budget
+        out_of_time = budget is not None and (time.monotonic() - self.started) / 60 >= budget
+        interrupted, out_of_time = distributed.any_flags([bool(stop), out_of_time], self.world)
+        if interrupted:
+            return "interrupted"
+        return "time_budget" if out_of_time else None
 
     def _one_step(self, window: _Window) -> dict[str, Any] | None:
         """One optimiser step; ``None`` when it was skipped for a non-finite loss or gradient."""
