@@ -373,3 +373,20 @@ def test_store_path_in_a_missing_folder_or_a_folder(tmp_path: Path, tzk):
     assert result.code == 3 and "does not exist" in one_error_line(result)
     result = tzk("ingest", manifest, "--store", tmp_path, "--data-root", tmp_path)
     assert result.code == 3 and "is not a file" in one_error_line(result)
+
+
+def test_append_with_a_new_kind(small_store: Path, tmp_path: Path, tzk):
+    manifest = idx_source(tmp_path, "strokes")
+    text = manifest.read_text().replace("[transform]", "[kinds.stroke]\n[transform]")
+    manifest.write_text(text.replace('kinds.label = { idx = "labels" }',
+                                     'kinds.label = { idx = "labels" }\n'
+                                     'kinds.stroke = { constant = "pen" }'))
+    with open_store(small_store) as before:
+        n_old, old_kinds = len(before), before.kinds
+    assert tzk("ingest", manifest, "--store", small_store, "--data-root", tmp_path).code == 0
+    with open_store(small_store) as after:
+        assert after.kinds == old_kinds + ["stroke"]
+        assert after.values("stroke") == ["strokes/pen"]
+        assert (after.codes("stroke")[:n_old] == -1).all()
+        assert (after.codes("stroke")[n_old:] == 0).all()
+        assert after.domain("stroke")[:, 0].tolist() == [False, False, False, True]
