@@ -32,7 +32,7 @@ def encode_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Write the low-dimensional codes of images under a bottleneck condition.
+    r"""Write the low-dimensional codes of images under a bottleneck condition.
 
     The codes are E\[c | z] under the condition's prior, for the store's images that have the
     condition (every image of the split with --all-images).

@@ -33,9 +33,9 @@ def eval_command(
 ) -> None:
     """Evaluate RUN on a store: bpd per condition, accuracy, OOD AUROC, sample accuracy.
 
-    bpd under p_0 and under every condition's own prior with the knowledge gain, accuracy and confusion per kind by the posterior, AUROC against each --ood
-    store by log p_0 and by the knowledge score, and the posterior's accuracy on the model's
-    own conditional samples.
+    bpd under p_0 and under every condition's own prior with the knowledge gain, accuracy and
+    confusion per kind by the posterior, AUROC against each --ood store by log p_0 and by the
+    knowledge score, and the posterior's accuracy on the model's own conditional samples.
 
     Results are also written to RUN/eval/CHECKPOINT-SPLIT.json. Same inputs and seed, same
     numbers. Exit codes: 2 usage, 3 bad input (not a run, store of another shape, unknown
@@ -43,10 +43,9 @@ def eval_command(
     """
     from tzkcli.errors import UsageError
 
-    if samples < 0 or batch_size < 1:
-        flag, value = ("--samples", samples) if samples < 0 else ("--batch-size", batch_size)
-        raise UsageError(f"{flag} {value}: expected {'0' if flag == '--samples' else '1'} "
-                         "or more")
+    for flag, value, lowest in (("--samples", samples, 0), ("--batch-size", batch_size, 1)):
+        if value < lowest:
+            raise UsageError(f"{flag} {value}: expected {lowest} or more")
     from tzkcli.evaluation import EvalOptions, evaluate, open_run, write_results
     from tzkcli.training.distributed import choose_device
 

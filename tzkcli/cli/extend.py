@@ -44,8 +44,9 @@ def extend_command(
 ) -> None:
     """Add conditions (classes, attributes, datasets) to a trained model.
 
-    The flow, p_0 and every existing condition stay frozen bit for bit; each new prior is fitted in closed form
-    on its images' residuals (one flow pass), then optionally refined on its own parameters.
+    The flow, p_0 and every existing condition stay frozen bit for bit; each new prior is
+    fitted in closed form on its images' residuals (one flow pass), then optionally refined on
+    its own parameters.
 
     --store may name a store ingested later: datasets the model lacks become dataset=
     conditions too. Rates of kinds that gain values are re-estimated from the store's counts.
