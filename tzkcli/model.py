@@ -615,7 +615,9 @@ class TzK(nn.Module):
         return self._cache[key]
 
     def _log_rates(self, kind: str) -> Tensor:
-        key = f"rates:{kind}:{id(self.rates)}:{self.rates.version}"
+        # Keyed on the counts themselves: callers may edit ``rates.counts`` directly.
+        counts = hash((self.rates.total, frozenset(self.rates.counts.items())))
+        key = f"rates:{kind}:{id(self.rates)}:{counts}"
         if key not in self._cache:
             log_rates = self.rates.log_categorical(kind, self.priors.dtype)
             self._cache[key] = log_rates.to(self.priors.anchor.device)

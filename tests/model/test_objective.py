@@ -192,3 +192,15 @@ def test_model_posterior_and_existence():
     ratio = scores.log_prior[:, 0] - scores.log_prior_base
     torch.testing.assert_close(odds[:, 0], torch.sigmoid(torch.logit(
         torch.tensor(0.5, dtype=torch.float64)) + ratio))
+
+
+def test_objective_sees_counts_edited_in_place():
+    model = two_dataset_model()
+    x = torch.zeros(2, 1, 1, 2, dtype=torch.uint8)
+    codes = torch.tensor([[0, 1], [0, 1]])
+    _, before = model.objective(x, codes, beta=1.0, generator=torch.Generator().manual_seed(0))
+
+    model.rates.counts["label=mnist/1"] = 1000
+
+    _, after = model.objective(x, codes, beta=1.0, generator=torch.Generator().manual_seed(0))
+    assert after["ce"] < before["ce"]
