@@ -54,9 +54,9 @@ def main() -> None:
         "val_every": 10**9, "checkpoint_every": 10**9, "steps": 10**9, "device": "cpu",
         "quiet": True,
     }, "benchmark")
-    run = Path(tempfile.mkdtemp(prefix="tzk-bench-train-")) / "run"
-    run.mkdir()
+    run = Path(tempfile.mkdtemp(prefix="tzk-bench-train-"))
     trainer = _Trainer(args.store, run, config, distributed.setup("cpu"), None)
+    trainer.build()
     trainer.fresh()
     trainer.begin(10**9)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +20,19 @@ def small_store(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Pa
     return build_small_store(tmp_path_factory.mktemp("store") / "small.h5", data_root)
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch):
-    """One intra-op thread here and in subprocesses: tiny models gain nothing from more, and
-    on a shared machine OpenMP threads that wait for busy cores slow every step tenfold."""
+@pytest.fixture(scope="package", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread here and in subprocesses, for every training test and fixture:
+    tiny models gain nothing from more, on a shared machine OpenMP threads that wait for busy
+    cores slow every step tenfold, and runs compared bit for bit must use the same count."""
     import torch
 
-    before = torch.get_num_threads()
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env

@@ -121,7 +121,7 @@ def test_bad_input_is_one_line(tzk, small_store: Path, tmp_path: Path, flags: li
     assert result.code == code, result.stderr
     assert result.stderr.startswith("Error:") and result.stderr.count("\n") == 1
     assert message in result.stderr
-    assert not (run / "checkpoints").exists()
+    assert not run.exists()
 
 
 def test_config_file_with_unknown_key(tzk, small_store: Path, tmp_path: Path) -> None:

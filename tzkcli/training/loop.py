@@ -46,7 +46,7 @@ from torch import nn
 from tzkcli import fsio
 from tzkcli.errors import BadInputError, RunFailedError, UsageError
 from tzkcli.training import checkpoint as ckpt
-from tzkcli.training import distributed
+from tzkcli.training import distributed, setup
 from tzkcli.training.config import RESUMABLE, TrainConfig, read_config_file, resolve, to_toml
 from tzkcli.training.data import DataOrder, RankBatches, batch_stream, labelled_mask
 from tzkcli.training.metrics import MetricsLog
@@ -84,15 +84,23 @@ def start_run(
     world = distributed.setup(config.device)
     try:
         problem = None
-        if world.writer and run.exists() and any(run.iterdir()):
+        if world.writer and run.exists() and (not run.is_dir() or any(run.iterdir())):
             problem = f"{run}: run directory exists; expected a new --out, or --resume {run}"
         problem = distributed.broadcast_object(problem, world)
         if problem:
             raise BadInputError(problem)
+
+        # everything that can reject the input happens before the run directory exists
+        trainer = _Trainer(Path(store), run, config, world, on_record)
+        trainer.build()
         if world.writer:
-            run.mkdir(parents=True, exist_ok=True)
+            try:
+                run.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise fsio.write_error(run, error) from error
+        if world.distributed:
+            torch.distributed.barrier()
         with _run_lock(run, world):
-            trainer = _Trainer(Path(store), run, config, world, on_record)
             trainer.fresh()
             return trainer.loop()
     finally:
@@ -211,8 +219,6 @@ class _Trainer:
         world: distributed.World,
         on_record: OnRecord | None,
     ) -> None:
-        from tzkcli.training import setup
-
         self.run = run
         self.config = config
         self.world = world
@@ -227,7 +233,7 @@ class _Trainer:
                 "processes; expected a multiple of the world size"
             )
         self.labelled = labelled_mask(self.data.train_groups, config.label_fraction, config.seed)
-        self.metrics = MetricsLog(run, enabled=world.writer)
+        self.metrics: MetricsLog | None = None
         self.checkpoints = run / "checkpoints"
         self.step = 0
         self.lr_scale = 1.0
@@ -241,12 +247,14 @@ class _Trainer:
 
     # set-up ------------------------------------------------------------------------------
 
-    def fresh(self) -> None:
-        """Build the model, write the run's configuration, initialise actnorm."""
-        from tzkcli.training import setup
-
+    def build(self) -> None:
+        """Build the new model (seeded): the registry from the store, the flow, the priors."""
         torch.manual_seed(self.config.seed)
         self.model = setup.build_model(self.config, self.data).to(self.world.device)
+
+    def fresh(self) -> None:
+        """Write the run's configuration and first record, initialise actnorm."""
+        self.metrics = MetricsLog(self.run, enabled=self.world.writer)
         if self.world.writer:
             fsio.atomic_write_text(self.run / "config.toml", to_toml(self.config))
             self._write_run_record("running")
@@ -295,6 +303,7 @@ class _Trainer:
         state = ckpt.load_state(latest)
         self.model = TzK.load(latest.model_dir).to(self.world.device)
         self.data.check_registry(self.model.registry)
+        self.metrics = MetricsLog(self.run, enabled=self.world.writer)
         self._apply_precision()
         self._make_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
