@@ -206,3 +206,24 @@ def test_new_couplings_and_priors_start_as_fixed_maps() -> None:
     scale = torch.sigmoid(torch.tensor(2.0, dtype=torch.float64))
     assert (y[:, 2:] - x[:, 2:] * scale).abs().max() < 1e-15
     assert (ladj - 2 * 16 * scale.log()).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("coupling", ["affine", "additive"])
+def test_flow_step_equals_the_composition_of_its_layers(coupling: str) -> None:
+    torch.manual_seed(4)
+    step = _step(coupling)()
+    perturb(step)
+    x = _input()
+
+    y, ladj = step(x)
+    expected, expected_ladj = x, torch.zeros(3, dtype=torch.float64)
+    for layer in (step.actnorm, step.invconv, step.coupling):
+        expected, part = layer(expected)
+        expected_ladj = expected_ladj + part
+
+    assert (y - expected).abs().max() < 1e-12
+    assert (ladj - expected_ladj).abs().max() < 1e-10
+    x_back, _ = step.inverse(y)
+    for layer in (step.coupling, step.invconv, step.actnorm):
+        expected, _ = layer.inverse(expected)
+    assert (x_back - expected).abs().max() < 1e-12

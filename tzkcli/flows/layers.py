@@ -321,7 +321,13 @@ class Standardize(nn.Module):
 
 
 class FlowStep(nn.Module):
-    """One step of Glow: actnorm, invertible 1x1 convolution, coupling."""
+    """One step of Glow: actnorm, invertible 1x1 convolution, coupling.
+
+    The actnorm and the 1x1 convolution are both affine per pixel, so the step runs them as
+    one convolution ``W (s * x + b) = (W diag(s)) x + W b``, with ``W`` assembled from its LU
+    factors once per call; the layers stay the parameterisation (and the state_dict), so the
+    step equals their composition to rounding error. ladj: the sum of the three layers'.
+    """
 
     def __init__(self, channels: int, hidden: int, coupling: str) -> None:
         super().__init__()
@@ -333,14 +339,26 @@ class FlowStep(nn.Module):
         else:
             self.coupling = AdditiveCoupling(channels, hidden)
 
+    def _constant_ladj(self, pixels: int) -> Tensor:
+        return pixels * (self.actnorm.log_scale.sum() + self.invconv.log_s.sum())
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y, ladj_norm = self.actnorm(x)
-        y, ladj_conv = self.invconv(y)
+        self.actnorm.check_initialised()
+        weight = self.invconv.weight()
+        scale = self.actnorm.log_scale.exp().flatten()
+        bias = weight @ self.actnorm.bias.flatten()
+        y = F.conv2d(x, (weight * scale)[:, :, None, None], bias)
+
         y, ladj_coupling = self.coupling(y)
-        return y, ladj_norm + ladj_conv + ladj_coupling
+        return y, ladj_coupling + self._constant_ladj(x.shape[2] * x.shape[3])
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        self.actnorm.check_initialised()
         x, ladj_coupling = self.coupling.inverse(y)
-        x, ladj_conv = self.invconv.inverse(x)
-        x, ladj_norm = self.actnorm.inverse(x)
-        return x, ladj_coupling + ladj_conv + ladj_norm
+
+        # x = diag(1/s) (W^-1 x - b)
+        inverse_scale = torch.exp(-self.actnorm.log_scale).flatten()
+        weight = self.invconv.inverse_weight() * inverse_scale[:, None]
+        bias = -self.actnorm.bias.flatten() * inverse_scale
+        x = F.conv2d(x, weight[:, :, None, None], bias)
+        return x, ladj_coupling - self._constant_ladj(y.shape[2] * y.shape[3])
