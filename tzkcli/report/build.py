@@ -7,7 +7,9 @@ Sections, each from the artifact that another stage wrote (nothing is recomputed
   (``metrics.jsonl``);
 - *results*: the bpd and knowledge-gain table, classification, out-of-distribution scores
   (the eval results in the run directory; the last validation when eval has not run);
-- *samples*: the sample grids in the run directory;
+- *classification*: confusion matrices per kind (the eval results);
+- *samples*: the sample grids indexed in ``RUN/samples/`` (drawn through ``tzk sample``'s
+  library when the run has none yet and ``samples`` is true);
 - *configuration*: the resolved training configuration and the run record.
 """
 
@@ -25,6 +27,8 @@ from tzkcli.errors import BadInputError
 from tzkcli.report import figures, page
 from tzkcli.report.data import StoreSummary, summarise_store
 from tzkcli.report.history import History, Series, read_history
+from tzkcli.report.results import confusion_parts, eval_parts, read_eval_results
+from tzkcli.report.samples import SAMPLES_DIR, read_sample_index, write_sample_grids
 
 REPORT_NAME = "report.html"
 
@@ -40,9 +44,12 @@ class ReportResult:
     notes: list[str]
 
 
-def write_report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
-                 ) -> ReportResult:
+def write_report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                 samples: bool = True, device: str = "auto") -> ReportResult:
     """Write the report of ``run`` to ``out`` (default ``RUN/report.html``) all or nothing.
+
+    With ``samples`` and no grids in ``RUN/samples/`` yet, they are drawn first (on
+    ``device``) from the latest checkpoint.
 
     Raises:
         BadInputError: ``run`` is not a tzk run (no ``run.json`` or ``metrics.jsonl``).
@@ -50,6 +57,9 @@ def write_report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None
     """
     run = Path(run)
     target = Path(out) if out is not None else run / REPORT_NAME
+    _run_record(run)
+    if samples and read_sample_index(run) is None:
+        write_sample_grids(run, device=device)
     text, sections, notes = build_report(run)
     fsio.atomic_write_text(target, text)
     return ReportResult(target, len(text.encode("utf-8")), [s.title for s in sections],
@@ -60,13 +70,16 @@ def build_report(run: Path) -> tuple[str, list[page.Section], list[str]]:
     """The page of ``run``, its sections, and notes on what it could not show (and why)."""
     record = _run_record(run)
     history = read_history(run)
+    evaluations = read_eval_results(run)
     notes: list[str] = []
-    stores = _stores(run, record, history, notes)
+    stores = _stores(run, record, history, evaluations, notes)
 
     sections = [
         _data_section(stores, notes),
         _training_section(history),
-        _results_section(history),
+        _results_section(history, evaluations),
+        _classification_section(evaluations, notes),
+        _samples_section(run, notes),
         _configuration_section(history, record),
     ]
     name = run.resolve().name
@@ -93,10 +106,15 @@ def _run_record(run: Path) -> dict[str, Any]:
 
 
 def _stores(run: Path, record: dict[str, Any], history: History,
+            evaluations: list[tuple[Path, dict[str, Any]]],
             notes: list[str]) -> list[StoreSummary]:
-    """Summaries of the stores the run names that are still where it says."""
+    """Summaries of the stores the run names (trained on, extended from, evaluated on) that
+    are still where it says."""
+    named = [record.get("store"), history.store.get("path")]
+    named.extend(_extension_stores(run))
+    named.extend(result.get("store") for _, result in evaluations)
     paths: list[str] = []
-    for value in (record.get("store"), history.store.get("path")):
+    for value in named:
         if isinstance(value, str) and value not in paths:
             paths.append(value)
     summaries = []
@@ -105,8 +123,23 @@ def _stores(run: Path, record: dict[str, Any], history: History,
         if not path.is_file():
             notes.append(f"store {path} named by the run is not there any more")
             continue
-        summaries.append(summarise_store(path))
+        summary = summarise_store(path)
+        if all(s.digest != summary.digest for s in summaries):
+            summaries.append(summary)
     return summaries
+
+
+def _extension_stores(run: Path) -> list[str]:
+    """The stores that ``tzk extend`` fitted this run's new conditions on."""
+    found = []
+    for path in sorted((run / "checkpoints").glob("*/extension.json")):
+        try:
+            store = json.loads(path.read_text(encoding="utf-8")).get("store")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(store, str):
+            found.append(store)
+    return found
 
 
 # data --------------------------------------------------------------------------------------
@@ -186,24 +219,68 @@ def _curve(label: str, series: Series, colour: str, style: str = "-", width: flo
 
 # results -----------------------------------------------------------------------------------
 
-def _results_section(history: History) -> page.Section:
+def _results_section(history: History,
+                     evaluations: list[tuple[Path, dict[str, Any]]]) -> page.Section:
     section = page.Section("results", "bpd and knowledge gain")
+    section.add(page.paragraph(
+        f"bpd at n_bits = {history.config.get('n_bits')} with uniform dequantisation; knowledge "
+        "gain = bpd under p_0 − bpd under the condition's own prior (positive: the knowledge "
+        "gives a tighter model of its images)."))
+    for path, result in evaluations:
+        section.add(*eval_parts(path, result))
+    if not evaluations:
+        section.add(_validation_table(history))
+    return section
+
+
+def _validation_table(history: History) -> str:
     last = history.last_val
     if last is None:
-        return section.add(page.paragraph("The run has no validation record yet."))
-    section.add(page.paragraph(
-        f"From the last validation (step {last['step']}) on the validation subset. bpd at "
-        f"n_bits = {history.config.get('n_bits')} with uniform dequantisation; knowledge gain "
-        "= bpd under p_0 − bpd under the dataset's own prior (positive: the prior helps)."))
+        return page.paragraph("No tzk eval results and no validation record yet.")
     rows = []
     for name, parts in last.get("datasets", {}).items():
         base, own = parts.get("bpd_base"), parts.get("bpd_dataset")
         gain = base - own if base is not None and own is not None else None
-        rows.append([name, parts.get("images"), base, own,
+        rows.append([f"dataset={name}", parts.get("images"), base, own,
                      page.cell(gain, tone=None if gain is None else
                                ("good" if gain > 0 else "bad"))])
-    return section.add(page.table(
-        ["dataset", "images", "bpd p_0", "bpd own prior", "knowledge gain"], rows))
+    note = page.paragraph(f"No tzk eval results yet: the last validation (step {last['step']}) "
+                          "of training on its validation subset.")
+    return note + page.table(["condition", "images", "bpd p_0", "bpd own prior",
+                              "knowledge gain"], rows)
+
+
+def _classification_section(evaluations: list[tuple[Path, dict[str, Any]]],
+                            notes: list[str]) -> page.Section:
+    section = page.Section("classification", "Confusion matrices")
+    for path, result in evaluations:
+        section.add(*confusion_parts(path, result))
+    if not section.parts:
+        notes.append("no confusion matrix: run tzk eval on the run first")
+        section.add(page.paragraph("No tzk eval results with a kind of 2 to 60 values yet."))
+    return section
+
+
+def _samples_section(run: Path, notes: list[str]) -> page.Section:
+    section = page.Section("samples", "Samples")
+    index = read_sample_index(run)
+    if index is None:
+        notes.append("no sample grids: the run has no samples/index.json")
+        return section.add(page.paragraph("No sample grids yet (tzk report draws them unless "
+                                          "--no-samples)."))
+    section.add(page.paragraph(
+        f"From checkpoint {index.get('checkpoint')}, seed {index.get('seed')}: at each "
+        "temperature (the scale of every prior standard deviation), the joint p_0, one row per "
+        "dataset, and one row per value of every other kind."))
+    folder = run / SAMPLES_DIR
+    for temperature in sorted({g["temperature"] for g in index["grids"]}):
+        section.heading(f"Temperature {temperature:g}")
+        for grid in (g for g in index["grids"] if g["temperature"] == temperature):
+            png = (folder / grid["file"]).read_bytes()
+            section.add(page.image(png, f"samples: {grid['title']} at {temperature:g}",
+                                   f"{grid['title']}, temperature {temperature:g}",
+                                   width=min(2 * page.png_width(png), 1100)))
+    return section
 
 
 # configuration -----------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def confusion_matrix(matrix: np.ndarray, labels: Sequence[str], title: str) -> b
     side = min(10.0, 2.5 + 0.45 * n)
     figure, axis = plt.subplots(figsize=(side + 1.2, side))
     shown = axis.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
-    short = [label.rsplit("/", 1)[-1][:18] for label in labels]
+    short = [label.split("/", 1)[-1][-22:] for label in labels]
     axis.set_xticks(range(n), short, rotation=60 if n > 4 else 0, ha="right" if n > 4 else "center")
     axis.set_yticks(range(n), short)
     axis.set_xlabel("predicted")

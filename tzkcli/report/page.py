@@ -71,9 +71,14 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Cell | object]]) -> st
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def png_width(png: bytes) -> int:
+    """The width in pixels of a PNG, from its IHDR chunk."""
+    return int.from_bytes(png[16:20], "big")
+
+
 def image(png: bytes, alt: str, caption: str | None = None, plot: bool = False,
           width: int | None = None) -> str:
-    """A figure with the PNG embedded as a ``data:`` URI."""
+    """A figure with the PNG embedded as a ``data:`` URI, ``width`` CSS pixels wide."""
     source = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     classes = ' class="plot"' if plot else ""
     size = f' width="{width}"' if width else ""
