@@ -124,10 +124,11 @@ def _print_tables(description: dict[str, Any]) -> None:
     stdout.print(table)
 
     table = Table(title="Sources", title_justify="left")
-    for column in ("name", "rows", "manifest", "files"):
+    for column in ("name", "rows", "manifest", "files (sha256)"):
         table.add_column(column)
     for source in description["sources"]:
         start, stop = source["rows"]
-        files = ", ".join(f"{f['path']} ({f['sha256'][:12]})" for f in source["files"])
+        files = "\n".join(f"{Path(f['path']).name} ({f['sha256'][:12]})"
+                          for f in source["files"])
         table.add_row(source["name"], f"{start:,}-{stop:,}", source["manifest"], files)
     stdout.print(table)
