@@ -336,22 +336,35 @@ class Store:
         offsets, about 20 times faster than HDF5 point selections; other layouts go through
         h5py.
         """
-        if isinstance(indices, slice):
-            return self._images[indices]
-        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if rows.size > 32:
-            if self._row_map is None:
-                self._row_map = RowMap.of(self.path, self._images) or False
-            if self._row_map:
-                return self._row_map.gather(rows)
-        return read_rows(self._images, rows)
+        try:
+            if isinstance(indices, slice):
+                return self._images[indices]
+            rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+            if rows.size > 32:
+                if self._row_map is None:
+                    self._row_map = RowMap.of(self.path, self._images) or False
+                if self._row_map:
+                    return self._row_map.gather(rows)
+            return read_rows(self._images, rows)
+        except OSError as error:
+            raise self._unreadable_images(error) from None
+
+    def _unreadable_images(self, error: OSError) -> BadInputError:
+        """A damaged chunk that HDF5 cannot read: one line naming ``/images``."""
+        line = " ".join(str(error).split())[:160]
+        return self._fail("/images", f"unreadable image data ({line})",
+                          "readable image chunks (the store is damaged)")
 
     def image_blocks(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         """Rows ``[start, stop)`` as consecutive uint8 blocks of at most 32 MiB each."""
         stop = self._n if stop is None else stop
         step = max(1, READ_BLOCK_BYTES // int(np.prod(self.shape)))
         for first in range(start, stop, step):
-            yield self._images[first:min(first + step, stop)]
+            try:
+                block = self._images[first:min(first + step, stop)]
+            except OSError as error:
+                raise self._unreadable_images(error) from None
+            yield block
 
     def compute_digest(self) -> str:
         """Recompute the content digest from the file (reads every image)."""
