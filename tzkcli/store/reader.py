@@ -11,10 +11,14 @@ is opened; images are read on demand by :meth:`Store.images`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
+import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +110,7 @@ class Store:
             raise BadInputError(f"{self.path}: cannot read ({error})") from None
         if not is_hdf5:
             raise BadInputError(f"{self.path}: not an HDF5 file; expected a tzk store")
+        probe_open(self.path)
         try:
             self._file = h5py.File(self.path, "r", locking=False)
         except OSError as error:
@@ -451,6 +456,89 @@ class RowMap:
         starts += (rows % self.rows_per_chunk) * self.row_bytes
         flat = self.map[starts[:, None] + np.arange(self.row_bytes)]
         return flat.reshape(len(rows), *self.shape[1:])
+
+
+PROBE_SECONDS = 120.0
+_probed: set[tuple[int, int, int, int]] = set()
+_in_probe = False
+
+
+def probe_open(path: Path) -> None:
+    """Open and validate ``path`` in a forked child process before this process opens it.
+
+    A crafted HDF5 file can crash the HDF5 C library (a segfault, an abort), which no Python
+    ``except`` catches. The child opens the file as :class:`Store` does, reads the first and
+    last image and the chunk index, and exits; if it dies by a signal the file is refused with
+    a one-line :class:`BadInputError` and this process (a long run) lives on. A file (device,
+    inode, size, modification time) is probed once per process.
+
+    Warning:
+        Only what the probe reads is covered: a crash that a later read of other image chunks
+        would cause still happens in the caller. There is no probe without ``os.fork``
+        (Windows), inside a probe, or when the child does not finish within ``PROBE_SECONDS``
+        (the file is then opened in the caller as usual).
+    """
+    if _in_probe or not hasattr(os, "fork"):
+        return
+    stat = path.stat()
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key in _probed:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: see Warning
+        pid = os.fork()
+    if pid == 0:
+        _probe_child(path)
+    status = _wait_for_probe(pid)
+    if status is not None and os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        raise BadInputError(
+            f"{path}: the HDF5 library crashed ({name}) reading it in a probe process; "
+            "expected a well-formed HDF5 file (this one is damaged or crafted)"
+        )
+    _probed.add(key)
+
+
+def _probe_child(path: Path) -> None:
+    """In the forked child: read what the parent will read, then exit at once."""
+    global _in_probe
+    _in_probe = True
+    code = 0
+    try:
+        _probe_work(path)
+    except BaseException:
+        code = 1  # a Python-level error: the parent's own open reports it
+    finally:
+        os._exit(code)
+
+
+def _probe_work(path: Path) -> None:
+    with Store(path) as store:
+        if len(store):
+            store.images(np.array([0, len(store) - 1]))
+            RowMap.of(store.path, store._images)
+
+
+def _wait_for_probe(pid: int) -> int | None:
+    """The child's wait status, or None when it ran past ``PROBE_SECONDS`` (then killed)."""
+    deadline = time.monotonic() + PROBE_SECONDS
+    delay = 0.0005
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return None
+            time.sleep(delay)
+            delay = min(2 * delay, 0.02)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
 
 
 def open_store(path: str | os.PathLike[str]) -> Store:
