@@ -192,3 +192,35 @@ def test_label_fraction_and_balance_train(tzk, small_store: Path, tmp_path: Path
     assert result.code == 0, result.stderr
     train = [r for r in read_metrics(run) if r["type"] == "train"]
     assert max(r["imputed"] for r in train) > 0
+
+
+def test_plain_progress_lines_on_stderr_and_the_result_on_stdout(tzk, small_store: Path,
+                                                                  tmp_path: Path) -> None:
+    loud = [flag for flag in TINY if flag != "--quiet"]
+    result = tzk("train", "--store", small_store, "--out", tmp_path / "loud", *loud,
+                 "--steps", "1")
+
+    assert result.code == 0, result.stderr
+    assert "actnorm initialised on 16 images" in result.stderr
+    assert "step 1  loss" in result.stderr and "img/s" in result.stderr
+    assert result.stdout.startswith("stopped at step 1 (steps)")
+
+    quiet = tzk("train", "--store", small_store, "--out", tmp_path / "quiet", *TINY,
+                "--steps", "1")
+    assert quiet.code == 0 and quiet.stderr == ""
+
+
+def test_epoch_and_time_budgets(tzk, small_store: Path, tmp_path: Path) -> None:
+    by_epochs = tzk("train", "--store", small_store, "--out", tmp_path / "epochs", *TINY,
+                    "--epochs", "0.1")
+    assert by_epochs.code == 0, by_epochs.stderr
+    records = read_metrics(tmp_path / "epochs")
+    start = next(r for r in records if r["type"] == "start")
+    train_rows = records[0]["store"]["train_images"]
+    assert start["total_steps"] == -(-(train_rows // 16) // 10)
+    assert records[-1]["reason"] == "epochs" and records[-1]["step"] == start["total_steps"]
+
+    by_time = tzk("train", "--store", small_store, "--out", tmp_path / "time", *TINY,
+                  "--time-budget", "0.001")
+    assert by_time.code == 0, by_time.stderr
+    assert read_metrics(tmp_path / "time")[-1]["reason"] == "time_budget"

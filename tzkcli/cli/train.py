@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from tzkcli.cli.common import guarded, stderr
+from tzkcli.cli.common import guarded, stderr, stdout
 from tzkcli.errors import UsageError
 
 PANEL_BUDGET = "Budget"
@@ -86,8 +86,9 @@ def train(
                                            PANEL_RUN),
     keep_last: Optional[int] = _opt("Checkpoints kept besides the best [default: 3].",
                                     PANEL_RUN),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress output (errors only).",
-                               rich_help_panel=PANEL_RUN),
+    quiet: bool = typer.Option(False, "--quiet", rich_help_panel=PANEL_RUN,
+                               help="No progress on stderr (errors only); the result line "
+                               "still goes to stdout."),
 ) -> None:
     """Train a TzK model by maximum likelihood, or resume a run.
 
@@ -128,14 +129,13 @@ def _run(
 
     if prior:
         flags["prior"] = parse_prior_flags(prior)
-    quiet = bool(flags["quiet"])
     if resume is not None:
         if out is not None or config_file is not None or prior:
             raise UsageError(f"--resume {resume}: takes no --out, --config or --prior; "
                              "expected only budget, reporting and device flags")
         from tzkcli.training.loop import resume_run
 
-        with _Progress(quiet) as progress:
+        with _Progress(bool(flags["quiet"])) as progress:
             result = resume_run(resume, flags, store=store, on_record=progress.record)
     else:
         if store is None or out is None:
@@ -148,10 +148,9 @@ def _run(
         config = resolve(file_values, flags, str(config_file))
         with _Progress(config.quiet) as progress:
             result = start_run(store, out, config, on_record=progress.record)
-    if not quiet:
-        best = "none" if result.best_bpd is None else f"{result.best} ({result.best_bpd:.4f} bpd)"
-        stderr.print(f"stopped at step {result.step} ({result.stop_reason}); latest "
-                     f"{result.latest}; best {best}", highlight=False)
+    best = "none" if result.best_bpd is None else f"{result.best} ({result.best_bpd:.4f} bpd)"
+    stdout.print(f"stopped at step {result.step} ({result.stop_reason}); latest "
+                 f"{result.latest}; best {best}", highlight=False)
 
 
 class _Progress:

@@ -141,7 +141,9 @@ def read_run_record(run: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BadInputError(f"{path}: missing; expected a run directory made by tzk train") from None
+        raise BadInputError(
+            f"{path}: missing; expected a run directory made by tzk train"
+        ) from None
     except (OSError, ValueError) as error:
         raise BadInputError(f"{path}: unreadable or not JSON ({error})") from None
 
