@@ -395,7 +395,7 @@ class _Pipeline:
         extended = self._evaluate("latest", self.store("extended"), ood=(), samples=16)
         base = self.state["stages"]["extend"].get("base")
         rate = self.state["stages"]["extend"].get("images_per_s")
-        images = self._images("base") + self._images("omniglot", split=None)
+        images = self._images("base") + self._images("omniglot")
         left = self.options.time_budget * 60 - self._elapsed()
         if base and rate and images / rate > max(left, 0) * 1.2:
             self.emit("eval", "note", f"skipped the evaluation of {base} with "
@@ -424,10 +424,13 @@ class _Pipeline:
                   "conditions with a positive knowledge gain")
         return path
 
-    def _images(self, store: str, split: str | None = "test") -> int:
+    def _images(self, store: str) -> int:
+        """Images of a store's test split (the whole store when it has none, as eval reads
+        an OOD store)."""
         from tzkcli.store import open_store
 
         with open_store(self.store(store)) as opened:
+            split = "test" if "test" in opened.split_names else None
             return len(opened.indices(split=split))
 
     def _elapsed(self) -> float:
