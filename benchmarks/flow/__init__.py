@@ -1,0 +1,1 @@
+"""Benchmark of tzk's Glow against normflows 1.7.3: ``python -m benchmarks.flow``."""

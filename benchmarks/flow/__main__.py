@@ -1,0 +1,124 @@
+"""Run the flow benchmark: ``python -m benchmarks.flow [--sections throughput,quality] ...``.
+
+``throughput``: training throughput of tzk's Glow (channels_last and NCHW) and normflows
+1.7.3's Glow, interleaved step by step in one run. ``quality``: per seed, both trained for
+``--train-steps`` steps on the same batches, then test bpd, non-finite samples at temperatures
+0.7 and 1.0, the time to score a batch under 1, 10 and 100 conditions, and sampling speed.
+``pip install -e ".[bench]"`` installs normflows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import warnings
+
+import torch
+
+from benchmarks.flow import quality
+from benchmarks.flow.data import dequantise, mnist
+from benchmarks.flow.subjects import NormflowsSubject, TzkSubject
+from benchmarks.flow.throughput import training_throughput
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.flow", description=__doc__)
+    parser.add_argument("--sections", default="throughput,quality")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds per subject")
+    parser.add_argument("--steps", type=int, default=1, help="training steps per round")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--depth", type=int, default=8, help="flow steps per level")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--test", type=int, default=2000, help="MNIST test images scored")
+    parser.add_argument("--samples", type=int, default=640)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def _machine(threads: int) -> str:
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {threads} torch threads, "
+            f"torch {torch.__version__}, load average {load}")
+
+
+def throughput(args: argparse.Namespace) -> None:
+    images, labels = mnist("train")
+    arch = (args.levels, args.depth, args.hidden)
+    subjects = [TzkSubject(*arch, channels_last=True), TzkSubject(*arch, channels_last=False),
+                TzkSubject(*arch, channels_last=True, bf16_networks=True),
+                NormflowsSubject(*arch)]
+    first = dequantise(images[:256], torch.Generator().manual_seed(args.seed))
+    for subject in subjects:
+        subject.initialize(first, labels[:256])
+
+    print(f"## Training throughput: Glow L={args.levels} K={args.depth} hidden={args.hidden} "
+          f"affine, 1x32x32 MNIST, batch {args.batch}, float32, Adam", flush=True)
+    print(f"before: {_machine(args.threads)}", flush=True)
+    results = training_throughput(subjects, images, labels, args.batch, args.rounds,
+                                  args.steps, args.seed)
+    print(f"after: {_machine(args.threads)}; medians of {results[0].steps} steps each")
+    reference = next(r for r in results if r.name == "normflows")
+    print("| subject | forward ms | backward ms | Adam ms | images/s | vs normflows |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for result in results:
+        rate = result.images_per_second(args.batch)
+        ratio = rate / reference.images_per_second(args.batch)
+        print(f"| {result.name} | {result.forward_ms:.1f} | {result.backward_ms:.1f} | "
+              f"{result.adam_ms:.1f} | {rate:.0f} | {ratio:.2f}x |", flush=True)
+
+
+def quality_section(args: argparse.Namespace) -> None:
+    images, labels = mnist("train")
+    test_images, test_labels = mnist("test")
+    test_images, test_labels = test_images[: args.test], test_labels[: args.test]
+    arch = (args.levels, args.depth, args.hidden)
+
+    print(f"\n## After {args.train_steps} steps (batch {args.batch}, Adam 1e-3), "
+          f"bpd on {len(test_images)} MNIST test images, non-finite of {args.samples} samples",
+          flush=True)
+    print("| seed | tzk p_0 bpd | tzk digit bpd | normflows digit bpd | non-finite T=0.7 "
+          "tzk / normflows | non-finite T=1.0 tzk / normflows | train s tzk / normflows |")
+    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    first = None
+    for seed in (int(s) for s in args.seeds.split(",")):
+        trained = quality.train_pair(seed, images, labels, arch, args.train_steps, args.batch)
+        first = first or trained
+        scores = quality.test_bpd(trained, test_images, test_labels)
+        cold = quality.non_finite_samples(trained, 0.7, args.samples)
+        warm = quality.non_finite_samples(trained, 1.0, args.samples)
+        print(f"| {seed} | {quality.bits(scores['tzk p_0'])} | "
+              f"{quality.bits(scores['tzk digit'])} | "
+              f"{quality.bits(scores['normflows digit'])} | {cold['tzk']} / "
+              f"{cold['normflows']} | {warm['tzk']} / {warm['normflows']} | "
+              f"{trained.seconds['tzk']:.0f} / {trained.seconds['normflows']:.0f} |",
+              flush=True)
+
+    seconds = quality.score_seconds(first.tzk, test_images[: args.batch], rounds=7)
+    print(f"\nscore a batch of {args.batch}: " + ", ".join(
+        f"{k} conditions {1e3 * s:.0f} ms" for k, s in seconds.items())
+        + f"; 100 / 1 = {seconds[100] / seconds[1]:.2f}", flush=True)
+    rates = quality.sampling_rates(first, rounds=5, batch=args.batch)
+    print(f"sampling at T=1, batch {args.batch}: tzk {rates['tzk']:.0f} images/s, "
+          f"normflows {rates['normflows']:.0f} images/s; {_machine(args.threads)}", flush=True)
+
+
+def main() -> None:
+    args = _arguments()
+    # normflows calls the deprecated torch.lu; its warning says nothing about the benchmark.
+    warnings.filterwarnings("ignore", message="torch.lu is deprecated")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    sections = args.sections.split(",")
+    if "throughput" in sections:
+        throughput(args)
+    if "quality" in sections:
+        quality_section(args)
+
+
+if __name__ == "__main__":
+    main()
