@@ -202,7 +202,11 @@ def _check_options(options: ExtendOptions) -> None:
 def _extend(opened: OpenRun, options: ExtendOptions, progress: Progress | None) -> ExtendResult:
     device = torch.device(options.device)
     model = opened.model.to(device)
-    store = Path(options.store) if options.store is not None else Path(opened.record["store"])
+    source = options.store if options.store is not None else opened.record.get("store")
+    if not source:
+        raise BadInputError(f"{opened.path / 'run.json'}: names no training store; expected "
+                            "--store PATH")
+    store = Path(source)
     view = read_store(store)
     check_shape(view, model)
     split_rows = view.rows(options.split)
