@@ -41,10 +41,10 @@ def quickstart_command(
 ) -> None:
     """Run the main job on the bundled default: MNIST and Omniglot, end to end.
 
-    Stages: ingest (three stores) -> train (a modest Glow on MNIST and the Omniglot atlas with
-    the dataset and label knowledge) -> extend (Omniglot's alphabets, the flow frozen) ->
-    sample (grids at two temperatures) -> eval (bpd, knowledge gain, accuracy, OOD) -> report
-    (DIR/run/report.html, named on the last line).
+    Stages: ingest (three stores) -> train (a modest Glow on MNIST and the Omniglot atlas
+    that knows only the dataset) -> extend (MNIST's labels, Omniglot's alphabets; the flow
+    frozen) -> sample (grids at two temperatures) -> eval (bpd, knowledge gain, accuracy,
+    OOD) -> report (DIR/run/report.html, named on the last line).
 
     The default budget of 10 minutes finishes in about 10 minutes on 2 CPU cores; a GPU is
     used when present. An existing, non-empty DIR is refused unless --resume. Progress goes to
