@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tzkcli import __version__, fsio
-from tzkcli.errors import BadInputError, UsageError
+from tzkcli.errors import BadInputError, RunFailedError, UsageError
 from tzkcli.store.manifest import Manifest
 from tzkcli.store.reader import (DEFAULT_SHAPE, FORMAT_NAME, FORMAT_VERSION, READ_BLOCK_BYTES,
                                  ContentDigest, Store, open_store)
@@ -32,6 +33,7 @@ from tzkcli.store.source import Source, prepare_source
 
 StageProgress = Callable[[str, int, int], None]
 CHUNK_BYTES = 256 << 10
+SPACE_SLACK = 1 << 20
 
 
 @dataclass
@@ -185,11 +187,38 @@ def _ingest_locked(manifests: Sequence[Manifest], store_path: Path, data_root: P
             source.dropped_duplicates,
         )
 
+    _check_space(store_path, shape, entries, old)
     with fsio.atomic_path(store_path) as temporary:
         digest, n = write_store(temporary, shape, entries, old, progress)
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; a store is for sharing
     return IngestReport(store_path, True, shape, n, digest,
                         [outcomes[m.name] for m in manifests])
+
+
+def _check_space(store_path: Path, shape: tuple[int, int, int], entries: list[_Entry],
+                 old: Store | None) -> None:
+    """Refuse before writing when the new store cannot fit beside the old one.
+
+    HDF5 does not recover from a write that fails for lack of space: the file handle stays
+    broken and the process crashes when the library shuts down. So the space is checked first
+    (images, codes and 1 MiB for the rest).
+
+    Warning:
+        A disk that another process fills during the write still fails the write (the old
+        store stays intact and the error says so), and HDF5 may then crash at exit.
+    """
+    n = sum(len(e.new) if e.new is not None else _old_size(old, e.old) for e in entries)
+    kinds = set(old.kinds if old else ["dataset"])
+    kinds.update(*(e.new.kinds for e in entries if e.new is not None))
+    needed = n * int(np.prod(shape)) + 4 * n * (len(kinds) + 1) + SPACE_SLACK
+    directory = store_path.parent if str(store_path.parent) else Path(".")
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise RunFailedError(
+            f"{store_path}: no space left on device (the new store needs about "
+            f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free); the previous version is "
+            "intact"
+        )
 
 
 def _resolve_shape(store_path: Path, shape: tuple[int, int, int] | None,
