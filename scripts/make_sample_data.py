@@ -298,17 +298,18 @@ rest = "train"
 README = """\
 # The shipped sample of real data
 
-`tzk quickstart` trains on this folder when it finds no data root (`--data-root`,
-`TZK_DATA_ROOT`, or `../shared/data` beside a checkout). It is real data, cut from the published
-datasets by `scripts/make_sample_data.py` (seed {seed}); nothing here is synthesised. Ingest it
-with the manifests in `manifests/` and `--data-root` set to this folder.
+`tzk quickstart` trains on this folder with `--sample`, or when it finds no data root
+(`--data-root`, `TZK_DATA_ROOT`, or `../shared/data` beside a checkout). It is real data, cut
+from the published datasets by `scripts/make_sample_data.py` (seed {seed}); nothing here is
+synthesised. Ingest it with the manifests in `manifests/` and `--data-root` set to this folder.
 
-| file | what | images |
-| --- | --- | --- |
-| `mnist/train-*-ubyte.gz` | MNIST training images and labels, {mnist_train} per digit | {mnist_train_total} |
-| `mnist/test-*-ubyte.gz` | MNIST test images and labels, {mnist_test} per digit | {mnist_test_total} |
-| `omniglot/sample_28x28_atlas.png` | tiles of the 28x28 Omniglot background atlas | {tiles} |
-| `omniglot/images_background_sample.zip` | original Omniglot PNGs, {characters} characters x 20 drawers of 8 alphabets | {omniglot} |
+- `mnist/train-*-ubyte.gz`: MNIST training images and labels, {mnist_train} per digit
+  ({mnist_train_total} images);
+- `mnist/test-*-ubyte.gz`: MNIST test images and labels, {mnist_test} per digit
+  ({mnist_test_total} images);
+- `omniglot/sample_28x28_atlas.png`: {tiles} tiles of the 28x28 Omniglot background atlas;
+- `omniglot/images_background_sample.zip`: {omniglot} original Omniglot PNGs,
+  {characters} characters x 20 drawers of each of the 8 alphabets.
 
 ## Attribution and licenses
 

@@ -18,7 +18,8 @@ def register(app: typer.Typer) -> None:
 def report_command(
     run: Path = typer.Argument(..., metavar="RUN", help="A run directory (made by tzk train)."),
     out: Optional[Path] = typer.Option(
-        None, "--out", metavar="FILE", help="Where to write the page \\[default: RUN/report.html].",
+        None, "--out", metavar="FILE",
+        help="Where to write the page \\[default: RUN/report.html].",
         show_default=False),
     samples: bool = typer.Option(True, "--samples/--no-samples",
                                  help="Draw the sample grids first when RUN has none yet."),

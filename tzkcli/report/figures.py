@@ -107,7 +107,9 @@ def confusion_matrix(matrix: np.ndarray, labels: Sequence[str], title: str) -> b
     figure, axis = plt.subplots(figsize=(side + 1.2, side))
     shown = axis.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     short = [label.split("/", 1)[-1][-22:] for label in labels]
-    axis.set_xticks(range(n), short, rotation=60 if n > 4 else 0, ha="right" if n > 4 else "center")
+    tilted = n > 4
+    axis.set_xticks(range(n), short, rotation=60 if tilted else 0,
+                    ha="right" if tilted else "center")
     axis.set_yticks(range(n), short)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
