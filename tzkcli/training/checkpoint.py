@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -116,7 +117,9 @@ def write_checkpoint(
     try:
         temporary.chmod(0o755)
         save_model(temporary / "model")
-        torch.save(state, temporary / "state.pt")
+        buffer = io.BytesIO()  # torch.save to a file turns ENOSPC into a RuntimeError
+        torch.save(state, buffer)
+        (temporary / "state.pt").write_bytes(buffer.getvalue())
         files = {
             str(p.relative_to(temporary)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
             for p in sorted(temporary.rglob("*")) if p.is_file()
