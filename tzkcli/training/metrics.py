@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tzkcli import fsio
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -40,15 +42,21 @@ class MetricsLog:
     def __init__(self, run: Path, enabled: bool = True) -> None:
         self.path = run / "metrics.jsonl"
         self.enabled = enabled
-        self._handle = open(self.path, "a", encoding="utf-8") if enabled else None
+        try:
+            self._handle = open(self.path, "a", encoding="utf-8") if enabled else None
+        except OSError as error:
+            raise fsio.write_error(self.path, error) from error
         self._board = _tensorboard(run) if enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self._handle is None:
             return
-        self._handle.write(json.dumps(_clean(record), allow_nan=False) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        try:
+            self._handle.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as error:
+            raise fsio.write_error(self.path, error) from error
         if self._board is not None:
             self._scalars(record)
 
