@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from tzkcli import fsio
-from tzkcli.errors import BadInputError, RunFailedError, UsageError
+from tzkcli.errors import BadInputError, RunFailedError, TzkError, UsageError
 from tzkcli.training import checkpoint as ckpt
 from tzkcli.training import distributed, setup
 from tzkcli.training.config import RESUMABLE, TrainConfig, read_config_file, resolve, to_toml
@@ -167,10 +167,17 @@ def _resumed_config(run: Path, flag_values: dict[str, Any]) -> tuple[TrainConfig
 
 @contextmanager
 def _run_lock(run: Path, world: distributed.World) -> Iterator[None]:
-    if world.writer:
-        with fsio.exclusive_lock(run, "run directory"):
-            yield
-    else:
+    """Rank 0 holds the run's lock; when it cannot, every rank raises its error."""
+    with ExitStack() as stack:
+        problem: TzkError | None = None
+        if world.writer:
+            try:
+                stack.enter_context(fsio.exclusive_lock(run, "run directory"))
+            except TzkError as error:
+                problem = error
+        problem = distributed.broadcast_object(problem, world)
+        if problem is not None:
+            raise problem
         yield
 
 
