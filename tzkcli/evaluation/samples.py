@@ -14,6 +14,7 @@ with their condition when drawn by ``grid_by``; ``.npy`` the raw ``uint8`` image
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -200,12 +201,16 @@ def write_array(path: Path, suffix: str, array: np.ndarray, name: str,
     ``extra`` datasets and ``attrs``), all or nothing."""
     with fsio.atomic_path(path) as temporary:
         if suffix == ".npy":
-            with open(temporary, "wb") as handle:
-                np.save(handle, array)
+            buffer = io.BytesIO()  # numpy writing to a file drops errno: ENOSPC read "None"
+            np.save(buffer, array)
+            temporary.write_bytes(buffer.getvalue())
             return
         import h5py
 
-        with h5py.File(temporary, "w") as file:
+        # built in memory: an HDF5 write that fails for lack of space leaves a broken handle
+        # that crashes the process at exit; a plain write of the bytes fails cleanly
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as file:
             file.create_dataset(name, data=array)
             if labels is not None:
                 file.create_dataset("conditions", data=np.array(labels, dtype=object),
@@ -214,6 +219,7 @@ def write_array(path: Path, suffix: str, array: np.ndarray, name: str,
                 file.create_dataset(key, data=value)
             for key, value in (attrs or {}).items():
                 file.attrs[key] = value
+        temporary.write_bytes(buffer.getvalue())
 
 
 def check_bottleneck(registry: Any, spec: str) -> int:
