@@ -224,3 +224,16 @@ def test_epoch_and_time_budgets(tzk, small_store: Path, tmp_path: Path) -> None:
                   "--time-budget", "0.001")
     assert by_time.code == 0, by_time.stderr
     assert read_metrics(tmp_path / "time")[-1]["reason"] == "time_budget"
+
+
+def test_prefetching_workers_draw_the_same_batches(tzk, small_store: Path,
+                                                   tmp_path: Path) -> None:
+    runs = {}
+    for workers in ("0", "2"):
+        run = tmp_path / f"workers-{workers}"
+        result = tzk("train", "--store", small_store, "--out", run, *TINY, "--steps", "2",
+                     "--val-images", "0", "--workers", workers)
+        assert result.code == 0, result.stderr
+        runs[workers] = _weights(run)
+
+    assert all(torch.equal(runs["0"][k], runs["2"][k]) for k in runs["0"])
