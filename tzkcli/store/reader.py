@@ -158,6 +158,12 @@ class Store:
         if len(node.shape) != len(shape) or node.shape != expected:
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise self._fail(key, f"shape {list(node.shape)}", f"shape {want}")
+        # a tiny file may declare a huge dataset it never wrote (read as gigabytes of fill)
+        declared = node.size * node.dtype.itemsize
+        if dtype != "str" and not node._filters and node.id.get_storage_size() < declared:
+            raise self._fail(key, f"shape {list(node.shape)} with only "
+                             f"{node.id.get_storage_size()} of {declared} bytes stored",
+                             "every declared element written")
         return node
 
     def _strings(self, key: str, limit: int) -> list[str]:
