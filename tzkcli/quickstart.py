@@ -61,8 +61,10 @@ EXTEND_KINDS = ("label", "alphabet")
 UNLABELLED = "mnist"  # trained without its labels: ``label`` comes in by extension
 
 # The model and optimisation of the quickstart; every other field keeps its tzk train default.
+# Small enough for several hundred steps in the default budget on 2 CPU cores: a step costs
+# about 0.4 of one of 3 levels x 4 steps x 64 hidden channels (measured side by side).
 TRAIN_SETTINGS: dict[str, Any] = {
-    "levels": 3, "flow_steps": 4, "hidden": 64, "batch_size": 64, "lr": 1e-3, "warmup": 50,
+    "levels": 3, "flow_steps": 3, "hidden": 48, "batch_size": 64, "lr": 1e-3, "warmup": 20,
     "balance": "dataset", "val_images": 600, "val_every": 100, "checkpoint_every": 100,
     "log_every": 10, "keep_last": 2,
 }
