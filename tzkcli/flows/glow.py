@@ -25,6 +25,10 @@ class Glow(nn.Module):
     training: ``forward`` and ``inverse`` raise :class:`~tzkcli.errors.UsageError` until
     actnorm is initialised, and a ``state_dict`` saved after initialisation loads initialised.
 
+    Speed: on CPU, ``glow.to(memory_format=torch.channels_last)`` makes the coupling
+    networks' convolutions take oneDNN's channels_last kernels, which train this flow about
+    1.3x faster than NCHW (``benchmarks/flow``); the results are the same to rounding error.
+
     Warning:
         Values outside ``[0, 1)`` are not rejected (checking would cost a pass over the
         batch); they are mapped like any other input.
