@@ -35,7 +35,7 @@ def test_the_stores_hold_the_sample_and_the_run_is_extended(quickstart_run):
     out, _ = quickstart_run
     with open_store(out / "stores" / "base.h5") as store:
         assert store.values("dataset") == ["mnist", "omniglot-atlas"]
-        assert store.kinds == ["dataset"]  # MNIST without its labels: they come by extension
+        assert store.kinds == ["dataset", "label"]
         assert len(store.indices(split="train", dataset="mnist")) == 3000
     with open_store(out / "stores" / "extended.h5") as store:
         assert store.values("dataset") == ["mnist", "omniglot-atlas", "omniglot"]
@@ -46,7 +46,8 @@ def test_the_stores_hold_the_sample_and_the_run_is_extended(quickstart_run):
     extension = json.loads((out / "run" / "checkpoints" / run["latest"] / "extension.json")
                            .read_text())
     specs = {c["spec"] for c in extension["conditions"]}
-    assert {"dataset=omniglot", "alphabet=omniglot/Greek", "label=mnist/3"} <= specs
+    assert {"dataset=omniglot", "alphabet=omniglot/Greek"} <= specs
+    assert not any(spec.startswith("label=") for spec in specs)
     assert extension["frozen"] is True
 
 
@@ -59,7 +60,7 @@ def test_eval_covers_the_extended_model_and_ood_before_the_extension(quickstart_
     assert "alphabet=omniglot/Latin" in extended["bpd"]["by_condition"]
     assert set(extended["accuracy"]) == {"dataset", "label", "alphabet"}
     before = json.loads(results[1].read_text())
-    assert set(before["accuracy"]) == {"dataset"}
+    assert set(before["accuracy"]) == {"dataset", "label"}
     (ood,) = before["ood_auroc"].values()
     assert ood["images"] == 192 and 0.0 <= ood["log_p0"] <= 1.0
 

@@ -41,8 +41,8 @@ def quickstart_command(
 ) -> None:
     """Run the main job on the bundled default: MNIST and Omniglot, end to end.
 
-    Stages: ingest (three stores) -> train (a modest Glow on MNIST and the Omniglot atlas
-    that knows only the dataset) -> extend (MNIST's labels, Omniglot's alphabets; the flow
+    Stages: ingest (three stores) -> train (a modest Glow on MNIST and the Omniglot atlas,
+    knowing the dataset and MNIST's label) -> extend (Omniglot and its alphabets; the flow
     frozen) -> sample (grids at two temperatures) -> eval (bpd, knowledge gain, accuracy,
     OOD) -> report (DIR/run/report.html, named on the last line).
 
