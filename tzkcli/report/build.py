@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from tzkcli import __version__, fsio
-from tzkcli.errors import BadInputError
 from tzkcli.report import figures, page
 from tzkcli.report.data import StoreSummary, summarise_store
 from tzkcli.report.history import History, Series, read_history
@@ -90,19 +89,10 @@ def build_report(run: Path) -> tuple[str, list[page.Section], list[str]]:
 
 
 def _run_record(run: Path) -> dict[str, Any]:
-    path = run / "run.json"
-    if not run.is_dir():
-        raise BadInputError(f"{run}: no such run directory; expected a run made by tzk train")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInputError(f"{run}: not a tzk run (no run.json); expected a run made by "
-                            "tzk train") from None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise BadInputError(f"{path}: unreadable or not JSON ({error})") from None
-    if not isinstance(record, dict):
-        raise BadInputError(f"{path}: found {type(record).__name__}, expected a JSON object")
-    return record
+    """``RUN/run.json``, read as ``tzk eval`` and ``tzk sample`` read it."""
+    from tzkcli.evaluation.runs import read_run_record
+
+    return read_run_record(run)
 
 
 def _stores(run: Path, record: dict[str, Any], history: History,
