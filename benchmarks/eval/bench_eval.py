@@ -7,7 +7,8 @@ Usage::
 
 It builds a store of the first ``--train`` and ``--test`` real MNIST images (labelled) in a
 temporary folder, and one flow (actnorm initialised, otherwise untrained: speed does not
-depend on training) shared by every model below. In each round, interleaved:
+depend on training) shared by every model below. In each round, interleaved (the order of the
+variants rotates from round to round):
 
 - ``eval K``: ``tzkcli.evaluation.evaluate`` on the test split (no OOD, no samples) of models
   with K = 1, 10, 100 conditions (``dataset=mnist``, labels, then filler conditions of a kind
@@ -153,21 +154,49 @@ def main() -> None:
         sources = {"p_0": None, "one condition": "label=mnist/3",
                    "composition of two": ["label=mnist/3", "cluster=c0"]}
         for round_ in range(args.rounds):
-            for k, model in models.items():
+            # rotate the order of the variants every round: no variant always runs first
+            for k in _rotated(list(models), round_):
                 times.setdefault(f"eval {k}", []).append(
-                    _timed(lambda: evaluate(model, store, options)))
-            for n, specs in extensions.items():
+                    _timed(lambda: evaluate(models[k], store, options)))
+            for name, seconds in _parts(models, store, args.batch_size).items():
+                times.setdefault(name, []).append(seconds)
+            for n in _rotated(list(extensions), round_):
                 out = folder / f"out-{round_}-{n}"
                 times.setdefault(f"extend {n}", []).append(_timed(lambda: extend_run(
-                    run, ExtendOptions(specs, out=out, batch_size=args.batch_size))))
+                    run, ExtendOptions(extensions[n], out=out, batch_size=args.batch_size))))
                 shutil.rmtree(out)
-            for name, source in sources.items():
+            for name in _rotated(list(sources), round_):
                 generator = torch.Generator().manual_seed(round_)
                 times.setdefault(f"sample {name}", []).append(_timed(
-                    lambda: models[100].sample(args.samples, source, 1.0, generator)))
+                    lambda: models[100].sample(args.samples, sources[name], 1.0, generator)))
         _print(times, args, images)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _parts(models: dict[int, object], store: Path, batch: int) -> dict[str, float]:
+    """One batch: the flow pass, and the prior term of 1 and of 100 conditions."""
+    from tzkcli.store import open_store
+
+    with open_store(store) as opened:
+        x = torch.from_numpy(opened.images(opened.indices(split="test")[:batch]))
+    model = models[100]
+    out = {}
+    with torch.no_grad():
+        start = time.perf_counter()
+        r, _ = model.residuals(x, torch.Generator().manual_seed(0))
+        out["part flow"] = time.perf_counter() - start
+        stats = model.priors.stats(r)
+        for k in (1, 100):
+            start = time.perf_counter()
+            model.priors.log_prob(stats, list(range(k)))
+            out[f"part prior {k}"] = time.perf_counter() - start
+    return out
+
+
+def _rotated(items: list, shift: int) -> list:
+    shift %= len(items)
+    return items[shift:] + items[:shift]
 
 
 def _dataset_only() -> object:
@@ -190,6 +219,11 @@ def _print(times: dict[str, list[float]], args: argparse.Namespace,
     for k in (1, 10, 100):
         print(f"  {k:>3} conditions  {median[f'eval {k}']:7.2f} s  "
               f"{median[f'eval {k}'] / median['eval 1']:5.2f}x of 1 condition")
+    flow = median["part flow"]
+    print(f"one batch of {args.batch_size}: flow pass {1000 * flow:.0f} ms; prior term of 1 "
+          f"condition {1000 * median['part prior 1']:.1f} ms, of 100 conditions "
+          f"{1000 * median['part prior 100']:.1f} ms ({median['part prior 100'] / flow:.3f}x "
+          "the flow pass)")
     print("extend (load, flow pass over the new images, fit, checkpoint) into a new run")
     for n in (1, 5, 10):
         seconds = median[f"extend {n}"]
