@@ -123,6 +123,9 @@ def parse_prior_form(kind: str, text: str) -> tuple[str, int | None]:
     Raises:
         UsageError: an unknown form or a rank that is not a positive integer.
     """
+    if not (kind + text).isprintable():  # keeps the error below on one printable line
+        raise UsageError(f"--prior {kind!r}={text!r}: not printable; expected KIND=FORM, "
+                         "e.g. label=bottleneck:8")
     form, _, rank_text = text.strip().partition(":")
     if form not in PRIOR_FORMS:
         raise UsageError(
@@ -147,7 +150,7 @@ def parse_prior_flags(values: list[str]) -> dict[str, str]:
     for value in values:
         kind, sep, form = value.partition("=")
         if not sep or not kind or not form:
-            raise UsageError(f"--prior {value}: expected KIND=FORM, e.g. label=bottleneck:8")
+            raise UsageError(f"--prior {value!r}: expected KIND=FORM, e.g. label=bottleneck:8")
         parse_prior_form(kind, form)
         parsed[kind] = form
     return parsed
