@@ -65,7 +65,7 @@ def resolve_class(registry: Any, value: str, kind: str = LABEL) -> str:
         BadInputError: the model has no such kind, or no or several matching values (listed).
     """
     if kind not in registry.kinds:
-        raise BadInputError(f"--class {value}: the model has no kind {kind!r}; "
+        raise BadInputError(f"--class {value!r}: the model has no kind {kind!r}; "
                             f"{nearest(kind, registry.kinds)}")
     values = registry.values(kind)
     if value in values:
@@ -74,9 +74,9 @@ def resolve_class(registry: Any, value: str, kind: str = LABEL) -> str:
     if len(matches) == 1:
         return f"{kind}={matches[0]}"
     if matches:
-        raise BadInputError(f"--class {value}: ambiguous, matches {', '.join(matches)}; "
+        raise BadInputError(f"--class {value!r}: ambiguous, matches {', '.join(matches)}; "
                             "expected one of them in full")
-    raise BadInputError(f"--class {value}: no {kind} value matches; "
+    raise BadInputError(f"--class {value!r}: no {kind} value matches; "
                         f"{nearest(value, values)}")
 
 
