@@ -33,9 +33,10 @@ def write_error(path: Path, error: OSError) -> RunFailedError | BadInputError:
     """Translate an ``OSError`` raised while writing ``path`` into a one-line tzk error."""
     if error.errno == errno.ENOSPC:
         return RunFailedError(f"{path}: no space left on device; the previous version is intact")
+    reason = error.strerror or " ".join(str(error).split())[:160] or type(error).__name__
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return BadInputError(f"{path}: not writable ({error.strerror}); expected a writable path")
-    return RunFailedError(f"{path}: write failed ({error.strerror}); the previous version is intact")
+        return BadInputError(f"{path}: not writable ({reason}); expected a writable path")
+    return RunFailedError(f"{path}: write failed ({reason}); the previous version is intact")
 
 
 def fsync_dir(directory: Path) -> None:
