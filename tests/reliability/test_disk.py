@@ -179,3 +179,11 @@ def test_immutable_store_when_mounts_are_missing(weak_store: Path, sources: Path
     assert store.read_bytes() == weak_store.read_bytes()
     ledger.tried("immutable store file (chattr +i)", "ingest", "refused, store unchanged",
                  result.code, message=line)
+
+
+def test_a_write_error_without_errno_still_says_why() -> None:
+    """numpy and torch raise OSErrors without errno: the message must not read "(None)"."""
+    from tzkcli.fsio import write_error
+
+    message = str(write_error(Path("out.npy"), OSError("fwrite failed")))
+    assert message == "out.npy: write failed (fwrite failed); the previous version is intact"
