@@ -59,6 +59,8 @@ ELSEWHERE = [
     ("non-finite losses until the run gives up", "train",
      "tests/training/test_train.py (exit 5, usable checkpoint)"),
     ("unknown config key, wrong type, not TOML", "train", "tests/training/test_config.py"),
+    ("valid input end to end (exit 0); resume after a stop", "quickstart",
+     "tests/quickstart/test_quickstart.py"),
 ]
 
 
