@@ -59,6 +59,22 @@ METHOD = """## How the faults are made
 """
 
 
+LIMITS = """## Known limits
+
+- A disk that another process fills *during* an ingest's HDF5 write (after its free-space
+  check) still fails the write with the no-space line and leaves the old store intact, but
+  the HDF5 library may then crash the process at exit (its file handle is left broken).
+- The HDF5 probe reads the metadata, the first and last image and the chunk index; a crash
+  that only a read of other image chunks would cause still happens in the caller.
+- SIGTERM before `tzk train` reaches its loop (while loading) ends it with the default action
+  (-15) rather than 130; nothing has been written by then. SIGTERM of other commands is the
+  default action too; SIGINT (Ctrl-C) is 130 everywhere.
+- A killed `tzk sample` or `tzk eval` may leave a `.tmp-` file beside its output, which the
+  next run does not remove (litter, not loss); stores and checkpoints clean theirs up.
+- Locks are `flock` locks: advisory, and unreliable on some network file systems.
+"""
+
+
 def cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -103,7 +119,7 @@ def render(document: dict[str, Any]) -> str:
               "", "| fault or bad input | command | tests |", "| --- | --- | --- |"]
     lines += [f"| {cell(e['fault'])} | {e['command']} | `{cell(e['tests'])}` |"
               for e in document["elsewhere"]]
-    lines += ["", METHOD, "## This run", "",
+    lines += ["", METHOD, LIMITS, "## This run", "",
               f"Produced on {document['date']} by "
               f"`TZK_RELIABILITY_RECORD=FILE pytest tests/reliability"
               f"{' --slow' if document['slow'] else ''}` in {document['seconds'] / 60:.1f} "
