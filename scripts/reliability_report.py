@@ -69,8 +69,9 @@ LIMITS = """## Known limits
 - SIGTERM before `tzk train` reaches its loop (while loading) ends it with the default action
   (-15) rather than 130; nothing has been written by then. SIGTERM of other commands is the
   default action too; SIGINT (Ctrl-C) is 130 everywhere.
-- A killed `tzk sample` or `tzk eval` may leave a `.tmp-` file beside its output, which the
-  next run does not remove (litter, not loss); stores and checkpoints clean theirs up.
+- A killed `tzk sample` or `tzk eval`, or a `tzk train` killed while it rewrote `run.json`
+  or `config.toml`, may leave a `.tmp-` file beside that file which the next run does not
+  remove (litter, not loss); stores and checkpoints clean theirs up.
 - Locks are `flock` locks: advisory, and unreliable on some network file systems.
 """
 
