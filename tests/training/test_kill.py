@@ -81,3 +81,14 @@ def test_sigterm_checkpoints_the_last_step_and_exits_130(small_store: Path,
     last = ckpt.list_checkpoints(run / "checkpoints")[-1]
     ckpt.verify(last)
     assert last.step >= 3
+
+
+def test_resume_removes_stale_temporaries_of_the_run_files(tzk, small_store: Path,
+                                                           tmp_path: Path) -> None:
+    run = tmp_path / "litter"
+    assert tzk("train", "--store", small_store, "--out", run, *TINY, "--steps", "1").code == 0
+    for stem in ("run.json", "config.toml"):
+        (run / f".tmp-{stem}.abc123").write_text("half written")
+
+    assert tzk("train", "--resume", run, "--steps", "2").code == 0
+    assert not list(run.glob(".tmp-*"))

@@ -175,6 +175,9 @@ def _run_lock(run: Path, world: distributed.World) -> Iterator[None]:
                 stack.enter_context(fsio.exclusive_lock(run, "run directory"))
             except TzkError as error:
                 problem = error
+            else:
+                for stem in ("run.json", "config.toml"):
+                    fsio.remove_stale_temporaries(run, stem)
         problem = distributed.broadcast_object(problem, world)
         if problem is not None:
             raise problem
