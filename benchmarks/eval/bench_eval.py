@@ -222,7 +222,7 @@ def _print(times: dict[str, list[float]], args: argparse.Namespace,
     flow = median["part flow"]
     print(f"one batch of {args.batch_size}: flow pass {1000 * flow:.0f} ms; prior term of 1 "
           f"condition {1000 * median['part prior 1']:.1f} ms, of 100 conditions "
-          f"{1000 * median['part prior 100']:.1f} ms ({median['part prior 100'] / flow:.3f}x "
+          f"{1000 * median['part prior 100']:.1f} ms ({median['part prior 100'] / flow:.3%} of "
           "the flow pass)")
     print("extend (load, flow pass over the new images, fit, checkpoint) into a new run")
     for n in (1, 5, 10):
