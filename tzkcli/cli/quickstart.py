@@ -24,7 +24,7 @@ def quickstart_command(
                              help="Folder for the stores, the run and the report."),
     time_budget: float = typer.Option(
         10.0, "--time-budget", metavar="MINUTES",
-        help="Minutes for the whole pipeline; training takes about 60% of it."),
+        help="Minutes for the whole pipeline; training takes about 55% of it."),
     data_root: Optional[Path] = typer.Option(
         None, "--data-root", metavar="DIR",
         help="Folder of the real datasets \\[default: $TZK_DATA_ROOT, else ../shared/data "
