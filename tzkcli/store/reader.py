@@ -124,6 +124,7 @@ class Store:
     # validation -------------------------------------------------------------------------------
 
     def _fail(self, key: str, found: Any, expected: str) -> BadInputError:
+        found = " ".join(str(found).split())  # a numpy repr spans lines
         return BadInputError(f"{self.path}: HDF5 key {key}: found {found}; expected {expected}")
 
     def _attr(self, name: str) -> Any:
