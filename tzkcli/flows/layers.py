@@ -197,8 +197,13 @@ class AffineCoupling(nn.Module):
 
     The input splits by channel into ``(x_a, x_b)``, ``x_a`` the first ``C // 2`` channels.
     ``(t, h) = net(x_a)``, ``s = sigmoid(h + 2)`` in ``(0, 1)``, and
-    ``y = (x_a, (x_b + t) * s)``. ladj: ``sum(log s)`` per image. The network's last
-    convolution starts at zero, so a new coupling is a fixed scale ``sigmoid(2)``.
+    ``y = (x_a, (x_b - t) / s)``. ladj: ``-sum(log s)`` per image. The network's last
+    convolution starts at zero, so a new coupling is a fixed scale ``1 / sigmoid(2)``.
+
+    The scale divides on the way to the latents and multiplies on the way back, so the
+    inverse ``x_b = y_b * s + t`` contracts (``s < 1``): sampling from any ``r`` (a high
+    temperature, a broad conditional prior) cannot blow up through the couplings. Nothing is
+    clamped in either direction.
     """
 
     def __init__(self, channels: int, hidden: int) -> None:
@@ -214,14 +219,14 @@ class AffineCoupling(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[:, : self.kept], x[:, self.kept :]
         shift, log_scale = self._shift_and_log_scale(x_a)
-        y_b = (x_b + shift) * log_scale.exp()
-        return torch.cat([x_a, y_b], dim=1), log_scale.sum(dim=(1, 2, 3))
+        y_b = (x_b - shift) * torch.exp(-log_scale)
+        return torch.cat([x_a, y_b], dim=1), -log_scale.sum(dim=(1, 2, 3))
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         y_a, y_b = y[:, : self.kept], y[:, self.kept :]
         shift, log_scale = self._shift_and_log_scale(y_a)
-        x_b = y_b * torch.exp(-log_scale) - shift
-        return torch.cat([y_a, x_b], dim=1), -log_scale.sum(dim=(1, 2, 3))
+        x_b = y_b * log_scale.exp() + shift
+        return torch.cat([y_a, x_b], dim=1), log_scale.sum(dim=(1, 2, 3))
 
 
 class AdditiveCoupling(nn.Module):
