@@ -56,6 +56,12 @@ def full_store(eval_sources: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def omniglot_store(eval_sources: Path) -> Path:
+    """180 Omniglot images alone: a store of no dataset the weak model knows."""
+    return _store(eval_sources, eval_sources.parent / "omniglot.h5", ["omniglot"])
+
+
+@pytest.fixture(scope="session")
 def small_shape_store(eval_sources: Path) -> Path:
     """The atlas alone at 1x64x64: a store whose shape does not fit the model."""
     return _store(eval_sources, eval_sources.parent / "atlas64.h5", ["omniglot-atlas"],

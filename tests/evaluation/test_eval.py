@@ -84,7 +84,8 @@ def test_table_on_stdout(tzk, weak_run: Path, weak_store: Path) -> None:
 
 
 @pytest.mark.parametrize(("store", "args", "code", "message"), [
-    ("full", [], 3, "dataset 'omniglot' is not a condition of the model"),
+    ("omniglot", [], 3, "none of its datasets (omniglot) is a condition of the model "
+                        "(mnist, omniglot-atlas)"),
     ("shape", [], 3, "images of shape 1x64x64, expected 1x32x32"),
     ("weak", ["--split", "tset"], 3, "has no split 'tset'"),
     ("weak", ["--checkpoint", "step-9"], 3, "--checkpoint step-9: not found"),
@@ -92,14 +93,27 @@ def test_table_on_stdout(tzk, weak_run: Path, weak_store: Path) -> None:
     ("weak", ["--ood", "missing.h5"], 3, "missing.h5"),
 ])
 def test_eval_bad_input_is_one_line_and_writes_nothing(
-        tzk, run_copy: Path, weak_store: Path, full_store: Path, small_shape_store: Path,
+        tzk, run_copy: Path, weak_store: Path, omniglot_store: Path, small_shape_store: Path,
         store: str, args: list[str], code: int, message: str) -> None:
-    stores = {"weak": weak_store, "full": full_store, "shape": small_shape_store}
+    stores = {"weak": weak_store, "omniglot": omniglot_store, "shape": small_shape_store}
     before = snapshot(run_copy)
     result = tzk("eval", run_copy, "--store", stores[store], "--samples", "0", *args)
     assert result.code == code, result.stderr
     assert message in _error_line(result)
     assert snapshot(run_copy) == before
+
+
+def test_datasets_the_model_lacks_are_left_out_and_said(tzk, weak_run: Path,
+                                                          full_store: Path,
+                                                          report: dict) -> None:
+    result = tzk("eval", weak_run, "--store", full_store, "--samples", "0", "--json")
+    assert result.code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["left_out"] == {"omniglot": 36}
+    assert "note: left out 36 of omniglot: datasets the model does not know" in result.stderr
+    # the same MNIST and atlas test images as the weak store: the same figures
+    assert document["images"] == report["images"]
+    assert document["bpd"]["by_condition"] == report["bpd"]["by_condition"]
 
 
 def test_eval_refuses_what_is_not_a_run(tzk, tmp_path: Path, weak_store: Path) -> None:

@@ -38,8 +38,9 @@ def eval_command(
     knowledge score, and the posterior's accuracy on the model's own conditional samples.
 
     Results are also written to RUN/eval/CHECKPOINT-SPLIT.json. Same inputs and seed, same
-    numbers. Exit codes: 2 usage, 3 bad input (not a run, store of another shape, unknown
-    dataset). See docs/commands.md.
+    numbers. Images of datasets the model does not know are left out, and the output says so.
+    Exit codes: 2 usage, 3 bad input (not a run, a store of another shape or of none of the
+    model's datasets). See docs/commands.md.
     """
     from tzkcli.errors import UsageError
 
@@ -56,6 +57,10 @@ def eval_command(
     report = evaluate(opened.model, store, options)
     report = {"run": str(run), "checkpoint": opened.checkpoint} | report
     path = write_results(run, opened.checkpoint, options.split, report)
+    if report["left_out"]:
+        counts = ", ".join(f"{n} of {name}" for name, n in report["left_out"].items())
+        stderr.print(f"note: left out {counts}: datasets the model does not know (tzk extend "
+                     "--condition dataset adds them)", highlight=False)
 
     if json_output:
         from tzkcli.evaluation.report import finite

@@ -125,19 +125,23 @@ def model_codes(view: StoreView, registry: Any) -> np.ndarray:
     return out
 
 
-def check_datasets(view: StoreView, registry: Any, rows: np.ndarray, flag: str) -> None:
-    """Every image of ``rows`` must come from a dataset the model knows.
+def known_rows(view: StoreView, registry: Any, rows: np.ndarray,
+               flag: str) -> tuple[np.ndarray, dict[str, int]]:
+    """The rows of images whose dataset the model knows, and the count left out per dataset.
 
     Raises:
-        BadInputError: names the first unknown dataset and the model's nearest datasets.
+        BadInputError: no image of ``rows`` comes from a dataset the model knows.
     """
     known = set(registry.values(DATASET))
-    present = np.unique(view.codes[DATASET][rows])
-    missing = [view.values[DATASET][code] for code in present.tolist()
-               if view.values[DATASET][code] not in known]
-    if missing:
+    names = view.values[DATASET]
+    codes = view.codes[DATASET][rows]
+    keep = np.isin(codes, [i for i, name in enumerate(names) if name in known])
+    left_out = {names[c]: int((codes == c).sum()) for c in np.unique(codes[~keep]).tolist()}
+    if not keep.any():
+        found = ", ".join(left_out) or "none"
         raise BadInputError(
-            f"{flag} {view.path}: dataset {missing[0]!r} is not a condition of the model "
-            f"({nearest(missing[0], sorted(known))}); expected a store of the model's "
-            "datasets, or tzk extend --condition dataset first"
+            f"{flag} {view.path}: none of its datasets ({found}) is a condition of the model "
+            f"({', '.join(sorted(known))}); expected a store of the model's datasets, or tzk "
+            "extend --condition dataset first"
         )
+    return rows[keep], left_out

@@ -21,6 +21,9 @@ Reproducibility: the dequantisation noise of the split comes from a generator se
 ``seed`` and the store's position or the condition's name, so adding conditions or stores
 changes none of the other figures. Same model, store, seed, batch size and device: same numbers.
 
+Images of datasets the model does not know are left out of every figure (``left_out``
+counts them per dataset; ``images`` counts those evaluated).
+
 Warning:
     A condition's figures cover only images whose value the store knows; images of kinds a
     store lacks, or of values the model lacks, are left out of those figures (``n`` says how
@@ -43,8 +46,8 @@ from tzkcli.errors import BadInputError
 from tzkcli.evaluation import metrics
 from tzkcli.evaluation.data import (
     StoreView,
-    check_datasets,
     check_shape,
+    known_rows,
     model_codes,
     read_store,
 )
@@ -149,8 +152,8 @@ def evaluate(
     """Every figure of ``tzk eval`` for ``model`` on ``store`` (see the module docstring).
 
     Raises:
-        BadInputError: a store of another image shape, a split it lacks, images of datasets the
-            model does not know, an empty split.
+        BadInputError: a store of another image shape, a split it lacks, an empty split, or
+            one with no image of a dataset the model knows.
     """
     device = torch.device(options.device)
     model.to(device).eval()
@@ -159,14 +162,14 @@ def evaluate(
     rows = view.rows(options.split)
     if len(rows) == 0:
         raise BadInputError(f"--split {options.split}: no images in {view.path}")
-    check_datasets(view, model.registry, rows, "--store")
+    rows, left_out = known_rows(view, model.registry, rows, "--store")
     codes = model_codes(view, model.registry)[rows]
 
     scored = score_rows(model, view, rows, options.batch_size, seeded(options.seed, 0, device),
                         progress, "eval")
     report: dict[str, Any] = {
         "store": str(view.path), "store_digest": view.digest, "split": options.split,
-        "images": int(len(rows)), "seed": options.seed, "batch_size": options.batch_size,
+        "images": int(len(rows)), "left_out": left_out, "seed": options.seed, "batch_size": options.batch_size,
         "n_bits": int(model.config.n_bits), "dims": int(model.dims),
         "dequantisation": "uniform, seeded",
         "bpd": {"joint": _mean(scored.bpd_base), "parts": scored.parts,
