@@ -227,3 +227,15 @@ def test_flow_step_equals_the_composition_of_its_layers(coupling: str) -> None:
     for layer in (step.coupling, step.invconv, step.actnorm):
         expected, _ = layer.inverse(expected)
     assert (x_back - expected).abs().max() < 1e-12
+
+
+def test_affine_inverse_contracts_even_where_the_scale_is_tiny() -> None:
+    layer = AffineCoupling(4, 8).double()
+    with torch.no_grad():
+        layer.net[-1].bias[2:].fill_(-40.0)  # scale channels: s = sigmoid(-38) ~ 3e-17
+    y = 1e3 * _input()
+    x, ladj = layer.inverse(y)
+
+    assert torch.isfinite(x).all() and torch.isfinite(ladj).all()
+    assert (x[:, 2:].abs() <= y[:, 2:].abs()).all()
+    assert (layer(x)[0] - y).abs().max() / 1e3 < 1e-3
