@@ -26,8 +26,8 @@ class Glow(nn.Module):
     actnorm is initialised, and a ``state_dict`` saved after initialisation loads initialised.
 
     Speed: on CPU, ``glow.to(memory_format=torch.channels_last)`` makes the coupling
-    networks' convolutions take oneDNN's channels_last kernels, which train this flow about
-    1.3x faster than NCHW (``benchmarks/flow``); the results are the same to rounding error.
+    networks' convolutions take oneDNN's channels_last kernels, which train this flow 1.1x to
+    1.5x faster than NCHW (``benchmarks/flow``); the results are the same to rounding error.
 
     Warning:
         Values outside ``[0, 1)`` are not rejected (checking would cost a pass over the
