@@ -331,18 +331,23 @@ class _Pipeline:
         if _has_checkpoint(self.run):
             from tzkcli.report.history import read_history
 
-            done = read_history(self.run).train_seconds / 60
+            history = read_history(self.run)
+            done = history.train_seconds / 60
             left = minutes - done
             if left < MIN_TRAIN_MINUTES:
                 self.emit("train", "note", f"{done:.1f} of {minutes:.1f} minutes trained "
                           "already; nothing left to train")
                 return {"minutes": minutes}
             self.emit("train", "note", f"continuing {self.run} for {left:.1f} more minutes")
-            result = resume_run(self.run, {"time_budget": left, "device": self.options.device},
-                                on_record=on_record)
+            # a new budget replaces the saved one whole: keep the run's own step/epoch limits
+            budget = {"time_budget": left, "steps": history.config.get("steps"),
+                      "epochs": history.config.get("epochs"), "device": self.options.device}
+            result = resume_run(self.run, budget, on_record=on_record)
         else:
             if self.run.exists():
-                shutil.rmtree(self.run)  # an earlier start that wrote no checkpoint
+                # an earlier start that wrote no checkpoint; the lock fails if it still runs
+                with fsio.exclusive_lock(self.run, "run directory"):
+                    shutil.rmtree(self.run)
             flags = {**TRAIN_SETTINGS, **self.options.train, "time_budget": minutes,
                      "device": self.options.device}
             config = resolve({}, flags, "tzk quickstart")
