@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tzkcli.errors import BadInputError
-from tzkcli.knowledge.registry import DATASET, nearest
+from tzkcli.knowledge.registry import DATASET
 
 
 @dataclass

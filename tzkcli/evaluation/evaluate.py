@@ -169,7 +169,8 @@ def evaluate(
                         progress, "eval")
     report: dict[str, Any] = {
         "store": str(view.path), "store_digest": view.digest, "split": options.split,
-        "images": int(len(rows)), "left_out": left_out, "seed": options.seed, "batch_size": options.batch_size,
+        "images": int(len(rows)), "left_out": left_out, "seed": options.seed,
+        "batch_size": options.batch_size,
         "n_bits": int(model.config.n_bits), "dims": int(model.dims),
         "dequantisation": "uniform, seeded",
         "bpd": {"joint": _mean(scored.bpd_base), "parts": scored.parts,
