@@ -186,14 +186,13 @@ def make_store(sources: Path, path: Path, names: list[str]) -> Path:
 @pytest.fixture(scope="session")
 def weak_store(sources: Path) -> Path:
     """300 MNIST images without labels and 100 atlas images (1x32x32): the training store."""
-    return make_store(sources, sources.parent / "weak.h5", ["mnist-unlabelled",
-                                                           "omniglot-atlas"])
+    return make_store(sources, sources / "weak.h5", ["mnist-unlabelled", "omniglot-atlas"])
 
 
 @pytest.fixture(scope="session")
 def full_store(sources: Path) -> Path:
     """The same MNIST images with labels, and the atlas: the store ``tzk extend`` fits on."""
-    return make_store(sources, sources.parent / "full.h5", ["mnist", "omniglot-atlas"])
+    return make_store(sources, sources / "full.h5", ["mnist", "omniglot-atlas"])
 
 
 @pytest.fixture(scope="session")
