@@ -6,14 +6,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.training.conftest import TINY
+from tzkcli.training.metrics import read_metrics
 
-# Parameters after 3 steps may differ by floating-point summation order only (the gradient is
-# the mean of two half-batch means instead of one full-batch mean); each step moves them by
-# about the learning rate (1e-3), so this tolerance is 50 times tighter than one step.
-TOLERANCE = 2e-5
+# The processes differ from one process only in the order of floating-point sums (the gradient
+# is the mean of two half-batch means instead of one full-batch mean). Adam normalises each
+# gradient, so for parameters whose gradient is nearly zero that rounding can show up as a
+# sizeable fraction of a step: the test bounds the whole difference relative to the last step's
+# movement (which unsynchronised or wrongly sharded processes would make of order 1), and every
+# single parameter by the learning rate. The first loss must agree to float rounding: the same
+# images and the same dequantisation noise on both sides.
+TOLERANCE = 0.01
+LEARNING_RATE = 1e-3
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -37,10 +44,15 @@ def test_two_gloo_processes_match_one(tzk, small_store: Path, tmp_path: Path) ->
     two, one = _weights(tmp_path / "ddp", 3), _weights(tmp_path / "single", 3)
     before = _weights(tmp_path / "single", 2)
     floating = [k for k in one if one[k].is_floating_point()]
-    worst = max(float((two[k] - one[k]).abs().max()) for k in floating)
-    moved = max(float((one[k] - before[k]).abs().max()) for k in floating)
+    difference = torch.cat([(two[k] - one[k]).flatten() for k in floating])
+    last_step = torch.cat([(one[k] - before[k]).flatten() for k in floating])
+    print(f"DDP vs one process after 3 steps: max |difference| {difference.abs().max():.2e}, "
+          f"relative to the last step {difference.norm() / last_step.norm():.2e}")
 
-    assert worst < TOLERANCE
-    assert moved > 50 * TOLERANCE
+    assert float(difference.norm() / last_step.norm()) < TOLERANCE
+    assert float(difference.abs().max()) < LEARNING_RATE
+    losses = [[r["loss"] for r in read_metrics(tmp_path / run) if r["type"] == "train"]
+              for run in ("ddp", "single")]
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-6)
     config = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[0]
     assert '"world_size": 2' in config
