@@ -21,6 +21,16 @@ def test_atomic_write_replaces_the_whole_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
+def test_written_file_has_the_umask_mode(tmp_path):
+    import os
+
+    target = tmp_path / "a.txt"
+    atomic_write_text(target, "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_failed_write_leaves_the_old_file(tmp_path):
     target = tmp_path / "a.txt"
     atomic_write_text(target, "old")

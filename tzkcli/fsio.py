@@ -29,6 +29,13 @@ from tzkcli.errors import BadInputError, BusyError, RunFailedError
 TMP_PREFIX = ".tmp-"
 
 
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_error(path: Path, error: OSError) -> RunFailedError | BadInputError:
     """Translate an ``OSError`` raised while writing ``path`` into a one-line tzk error."""
     if error.errno == errno.ENOSPC:
@@ -74,6 +81,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     temporary = Path(name)
     try:
+        os.chmod(temporary, file_mode())
         yield temporary
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())

@@ -190,7 +190,7 @@ def _ingest_locked(manifests: Sequence[Manifest], store_path: Path, data_root: P
     _check_space(store_path, shape, entries, old)
     with fsio.atomic_path(store_path) as temporary:
         digest, n = write_store(temporary, shape, entries, old, progress)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; a store is for sharing
+        os.chmod(temporary, fsio.file_mode())  # mkstemp makes 0600; a store is for sharing
     return IngestReport(store_path, True, shape, n, digest,
                         [outcomes[m.name] for m in manifests])
 
@@ -231,12 +231,6 @@ def _resolve_shape(store_path: Path, shape: tuple[int, int, int] | None,
             f"{'x'.join(map(str, old.shape))}; expected the store's shape (or a new store)"
         )
     return old.shape
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _split_counts(names: Sequence[str], codes: np.ndarray) -> dict[str, int]:
