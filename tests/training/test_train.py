@@ -112,6 +112,7 @@ def test_corrupt_checkpoint_is_named_and_not_loaded(tzk, finished_run: Path,
     (["--val-split", "dev"], 3, "--val-split dev: the store"),
     (["--batch-size", "100000"], 3, "--batch-size 100000"),
     (["--optimizer", "sgd"], 2, "--optimizer sgd"),
+    (["--kinds", "dataset,lable"], 3, "has no kind 'lable'; expected some of"),
 ])
 def test_bad_input_is_one_line(tzk, small_store: Path, tmp_path: Path, flags: list[str],
                                code: int, message: str) -> None:
@@ -192,6 +193,21 @@ def test_label_fraction_and_balance_train(tzk, small_store: Path, tmp_path: Path
     assert result.code == 0, result.stderr
     train = [r for r in read_metrics(run) if r["type"] == "train"]
     assert max(r["imputed"] for r in train) > 0
+
+
+def test_kinds_selects_what_the_model_learns(tzk, small_store: Path, tmp_path: Path) -> None:
+    from tzkcli.evaluation.runs import open_run
+
+    run = tmp_path / "datasets-only"
+    result = tzk("train", "--store", small_store, "--out", run, *TINY, "--steps", "2",
+                 "--kinds", "dataset")
+
+    assert result.code == 0, result.stderr
+    model = open_run(run).model
+    assert list(model.registry.kinds) == ["dataset"]
+    extended = tzk("extend", run, "--condition", "label", "--store", small_store)
+    assert extended.code == 0, extended.stderr
+    assert "label=mnist/3" in extended.stdout
 
 
 def test_plain_progress_lines_on_stderr_and_the_result_on_stdout(tzk, small_store: Path,

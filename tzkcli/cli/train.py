@@ -66,6 +66,9 @@ def train(
                                           "[default: 0.1].", PANEL_OPT),
     max_recoveries: Optional[int] = _opt("Restores before the run fails with exit code 5 "
                                          "[default: 1].", PANEL_OPT),
+    kinds: Optional[str] = _opt("Kinds to learn besides dataset, comma-separated; the others "
+                                "can be added later by tzk extend [default: every kind].",
+                                PANEL_DATA),
     balance: Optional[str] = _opt("none, or dataset for equal draws per dataset "
                                   "[default: none].", PANEL_DATA),
     label_fraction: Optional[float] = _opt("Fraction of images per dataset that keep their "
@@ -106,7 +109,7 @@ def train(
         "beta": beta, "impute": impute, "optimizer": optimizer, "lr": lr, "warmup": warmup,
         "grad_clip": grad_clip, "batch_size": batch_size, "weight_decay": weight_decay,
         "max_bad_steps": max_bad_steps, "bad_lr_factor": bad_lr_factor,
-        "max_recoveries": max_recoveries, "balance": balance,
+        "max_recoveries": max_recoveries, "kinds": kinds, "balance": balance,
         "label_fraction": label_fraction, "seed": seed, "train_split": train_split,
         "val_split": val_split, "val_images": val_images, "workers": workers,
         "device": device, "precision": precision, "log_every": log_every,

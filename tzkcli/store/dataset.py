@@ -30,12 +30,13 @@ class StoreDataset(Dataset):
     ``dataset[i]`` is ``(uint8 tensor [C, H, W], int64 tensor [n_kinds])`` for row
     ``indices[i]``; :meth:`batch` reads many positions at once. ``in_memory=None`` loads the
     images into RAM when they take at most ``IN_MEMORY_LIMIT_BYTES`` (4 GiB), else reads them
-    from the file on demand. The store's digest is checked whenever the file is reopened, so
+    from the file on demand. ``kinds`` picks the code columns (default every kind of the store,
+    in its order); a kind the store lacks is a ``BadInputError``. The store's digest is checked whenever the file is reopened, so
     a store replaced under a running job is an error rather than silently different data.
     """
 
     def __init__(self, path: str | os.PathLike[str], indices: Sequence[int] | np.ndarray,
-                 in_memory: bool | None = None) -> None:
+                 in_memory: bool | None = None, kinds: Sequence[str] | None = None) -> None:
         self.path = Path(path)
         self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         with open_store(self.path) as store:
@@ -43,7 +44,11 @@ class StoreDataset(Dataset):
                 raise IndexError(
                     f"{self.path}: indices outside [0, {len(store)}) given to StoreDataset"
                 )
-            self.kinds = list(store.kinds)
+            self.kinds = list(store.kinds) if kinds is None else list(kinds)
+            for kind in self.kinds:
+                if kind not in store.kinds:
+                    raise BadInputError(f"{self.path}: no kind {kind!r} in the store; expected "
+                                        f"some of {', '.join(store.kinds)}")
             self.shape = store.shape
             self.digest = store.digest
             self.codes = np.stack(

@@ -75,6 +75,7 @@ class TrainConfig:
     weight_decay: float = 0.0
 
     # data
+    kinds: str = ""  # comma-separated kinds to learn besides dataset; empty: every kind
     balance: str = "none"
     label_fraction: float = 1.0
     seed: int = 0
@@ -102,6 +103,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain data (JSON and TOML friendly)."""
         return dataclasses.asdict(self)
+
+    def kind_names(self) -> list[str] | None:
+        """The kinds named by :attr:`kinds` (``dataset`` always among them), or ``None``: all."""
+        if not self.kinds.strip():
+            return None
+        names = [name.strip() for name in self.kinds.split(",") if name.strip()]
+        return ["dataset"] + [name for name in dict.fromkeys(names) if name != "dataset"]
 
     def priors(self) -> dict[str, tuple[str, int | None]]:
         """``{kind: (form, rank)}`` parsed from :attr:`prior`; rank is ``None`` for gaussian."""
@@ -287,6 +295,10 @@ def validate(config: TrainConfig) -> None:
         if not ok:
             raise UsageError(f"--{_flag(key)} {getattr(config, key)}: expected {expected}")
     config.priors()
+    for name in config.kind_names() or []:
+        if not name.isprintable() or "=" in name:
+            raise UsageError(f"--kinds {config.kinds!r}: kind {name!r} is not a kind name; "
+                             "expected comma-separated names such as dataset,label")
 
 
 def _flag(key: str) -> str:

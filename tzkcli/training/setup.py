@@ -165,6 +165,11 @@ def open_training_data(path: Path, config: TrainConfig) -> TrainingData:
         digest = str(store.digest)
 
     _check_shape(path, shape, config)
+    columns = _selected_kinds(path, kinds, config)
+    kinds = [kinds[column] for column in columns]
+    values = {kind: values[kind] for kind in kinds}
+    domains = {kind: domains[kind] for kind in kinds}
+    codes = codes[:, columns]
     if len(train_rows) == 0:
         raise BadInputError(f"--train-split {config.train_split}: no images in {path}")
     train_codes = codes[train_rows]
@@ -172,12 +177,30 @@ def open_training_data(path: Path, config: TrainConfig) -> TrainingData:
     for code, positions in validation_positions(codes[val_rows, 0], config.val_images,
                                                 config.seed):
         rows = val_rows[positions]
-        validation.append((values[kinds[0]][code], StoreDataset(path, rows)))
+        validation.append((values[kinds[0]][code], StoreDataset(path, rows, kinds=kinds)))
     return TrainingData(
         path=path, digest=digest, shape=shape, kinds=kinds, values=values, domains=domains,
-        train=StoreDataset(path, train_rows), train_groups=train_codes[:, 0],
+        train=StoreDataset(path, train_rows, kinds=kinds), train_groups=train_codes[:, 0],
         train_codes=train_codes, validation=validation,
     )
+
+
+def _selected_kinds(path: Path, kinds: list[str], config: TrainConfig) -> list[int]:
+    """The store columns of the kinds that ``--kinds`` selects (all when it is empty).
+
+    Raises:
+        BadInputError: a named kind the store lacks, with the nearest one it has.
+    """
+    names = config.kind_names()
+    if names is None:
+        return list(range(len(kinds)))
+    for name in names:
+        if name not in kinds:
+            raise BadInputError(
+                f"--kinds {config.kinds}: the store {path} has no kind {name!r}; expected "
+                f"some of {', '.join(kinds)} (did you mean {nearest(name, kinds)!r}?)"
+            )
+    return [column for column, kind in enumerate(kinds) if kind in names]
 
 
 def _check_shape(path: Path, shape: tuple[int, ...], config: TrainConfig) -> None:
