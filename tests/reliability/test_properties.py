@@ -113,16 +113,17 @@ KEYS = ["/images", "/kinds/dataset/values", "/kinds/dataset/codes", "/kinds/data
         "/sources/files", "/sources/manifests"]
 ATTRS = ["format", "format_version", "shape", "kinds", "digest"]
 
+NO_NUL = st.characters(blacklist_characters="\x00")  # HDF5 strings cannot hold NUL
 ARRAYS = st.one_of(
     st.sampled_from(["int8", "int32", "int64", "uint8", "float32", "float64"]).flatmap(
         lambda dtype: st.builds(
             lambda shape, fill: np.full(shape, fill).astype(dtype),
             st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple),
             st.integers(-3, 300))),
-    st.lists(st.text(max_size=8), max_size=4).map(lambda v: np.array(v, dtype=object)),
+    st.lists(st.text(NO_NUL, max_size=8), max_size=4).map(lambda v: np.array(v, dtype=object)),
 )
 ATTR_VALUES = st.one_of(st.integers(-2**40, 2**40), st.floats(allow_nan=True),
-                        st.text(max_size=70), ARRAYS)
+                        st.text(NO_NUL, max_size=70), ARRAYS)
 
 
 @pytest.fixture(scope="module")
