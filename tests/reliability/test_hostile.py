@@ -111,11 +111,13 @@ def test_huge_declared_dimensions_and_wrong_dtypes(weak_store: Path, tmp_path: P
         del file["kinds/dataset/values"]
         file.create_dataset("kinds/dataset/values", data=np.arange(2))
 
-    cases = {"huge": (huge, "/images"), "too_wide": (too_wide, "shape"),
-             "float_images": (float_images, "/images"),
-             "int64_codes": (int64_codes, "/kinds/dataset/codes"),
-             "numeric_values": (numeric_values, "/kinds/dataset/values")}
-    for name, (change, key) in cases.items():
+    cases = {"huge": (huge, "/images", "10^9 declared images, none stored"),
+             "too_wide": (too_wide, "shape", "a declared side of 10^6"),
+             "float_images": (float_images, "/images", "float32 images"),
+             "int64_codes": (int64_codes, "/kinds/dataset/codes", "int64 codes"),
+             "numeric_values": (numeric_values, "/kinds/dataset/values",
+                                "a numeric vocabulary")}
+    for name, (change, key, what) in cases.items():
         path = variant(name, change)
         for command in (["info", path], ["train", "--store", path, "--out",
                                          tmp_path / f"run-{name}", "--steps", "1"]):
@@ -123,8 +125,8 @@ def test_huge_declared_dimensions_and_wrong_dtypes(weak_store: Path, tmp_path: P
             assert result.code == BAD_INPUT, (name, result.stderr)
             line = one_error_line(result.stderr)
             assert key in line, line
-            ledger.tried(f"store with {name.replace('_', ' ')} "
-                         f"({path.stat().st_size // 1024} KiB file)", command[0],
+            ledger.tried(f"store with {what} ({path.stat().st_size // 1024} KiB file)",
+                         command[0],
                          "refused at open, one line naming the HDF5 key", result.code,
                          message=line)
 
