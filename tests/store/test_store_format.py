@@ -65,6 +65,12 @@ def _kinds_order(store: Path) -> None:
                                        dtype=h5py.string_dtype())
 
 
+def _scalar_images(store: Path) -> None:
+    with h5py.File(store, "r+") as file:
+        del file["images"]
+        file.create_dataset("images", data=np.uint8(0))
+
+
 def _bad_digest(store: Path) -> None:
     with h5py.File(store, "r+") as file:
         file.attrs["digest"] = "not a digest"
@@ -83,6 +89,7 @@ DAMAGE = {
     "source rows": (_source_rows, "HDF5 key /sources/rows"),
     "kinds order": (_kinds_order, "'dataset' first"),
     "digest": (_bad_digest, "attribute 'digest'"),
+    "scalar images": (_scalar_images, "HDF5 key /images: found shape []; expected shape [*, "),
 }
 
 

@@ -155,7 +155,7 @@ class Store:
                 raise self._fail(key, f"dtype {node.dtype}", "UTF-8 strings")
         elif node.dtype != np.dtype(dtype):
             raise self._fail(key, f"dtype {node.dtype}", dtype)
-        expected = tuple(node.shape[i] if s is None else s for i, s in enumerate(shape))
+        expected = tuple(n if s is None else s for n, s in zip(node.shape, shape))
         if len(node.shape) != len(shape) or node.shape != expected:
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise self._fail(key, f"shape {list(node.shape)}", f"shape {want}")
