@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
@@ -203,9 +204,9 @@ def test_new_couplings_and_priors_start_as_fixed_maps() -> None:
     assert torch.equal(torch.cat([h, r], dim=1), x) and not ladj.any()
 
     y, ladj = AffineCoupling(4, 8).double()(x)
-    scale = torch.sigmoid(torch.tensor(2.0, dtype=torch.float64))
-    assert (y[:, 2:] - x[:, 2:] / scale).abs().max() < 1e-14
-    assert (ladj + 2 * 16 * scale.log()).abs().max() < 1e-12
+    scale = 0.5 + 0.5 * torch.sigmoid(torch.tensor(2.0, dtype=torch.float64))
+    assert (y[:, 2:] - x[:, 2:] * scale).abs().max() < 1e-14
+    assert (ladj - 2 * 16 * scale.log()).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("coupling", ["affine", "additive"])
@@ -229,13 +230,21 @@ def test_flow_step_equals_the_composition_of_its_layers(coupling: str) -> None:
     assert (x_back - expected).abs().max() < 1e-12
 
 
-def test_affine_inverse_contracts_even_where_the_scale_is_tiny() -> None:
+@pytest.mark.parametrize("raw", [-40.0, 40.0])
+def test_affine_scale_is_bounded_in_both_directions(raw: float) -> None:
+    # A saturated scale network (raw -40: sigmoid ~ 4e-18) must neither blow up the latents
+    # (dividing by sigmoid there trained in spikes) nor the samples (dividing on the way back).
     layer = AffineCoupling(4, 8).double()
     with torch.no_grad():
-        layer.net[-1].bias[2:].fill_(-40.0)  # scale channels: s = sigmoid(-38) ~ 3e-17
-    y = 1e3 * _input()
-    x, ladj = layer.inverse(y)
+        layer.net[-1].bias[2:].fill_(raw)  # scale channels; the shift stays 0
+    x = 1e3 * _input()
 
-    assert torch.isfinite(x).all() and torch.isfinite(ladj).all()
-    assert (x[:, 2:].abs() <= y[:, 2:].abs()).all()
-    assert (layer(x)[0] - y).abs().max() / 1e3 < 1e-3
+    y, ladj = layer(x)
+    assert (y[:, 2:].abs() <= x[:, 2:].abs()).all()
+    assert (y[:, 2:].abs() >= 0.5 * x[:, 2:].abs()).all()
+    assert (ladj <= 0).all() and (ladj >= 2 * 16 * math.log(0.5) - 1e-9).all()
+
+    x_back, ladj_back = layer.inverse(x)
+    assert torch.isfinite(x_back).all() and (x_back[:, 2:].abs() <= 2 * x[:, 2:].abs()).all()
+    assert (layer(x_back)[0] - x).abs().max() / 1e3 < 1e-12
+    assert (ladj_back + layer(x_back)[1]).abs().max() < 1e-9

@@ -20,7 +20,8 @@ class GlowConfig:
         levels: number of levels ``L``; every level but the last splits off half its channels.
         steps: flow steps ``K`` per level (actnorm, invertible 1x1 convolution, coupling).
         hidden: channels of the hidden layers of every coupling network.
-        coupling: ``"affine"`` (bounded scale ``sigmoid(h + 2)``) or ``"additive"``.
+        coupling: ``"affine"`` (scale ``0.5 + 0.5 * sigmoid(h + 2)`` in ``(0.5, 1)``) or
+            ``"additive"``.
 
     Invalid values raise :class:`~tzkcli.errors.BadInputError` with one line naming the field,
     the value found and what was expected.

@@ -19,8 +19,10 @@ from torch import Tensor, nn
 
 from tzkcli.errors import UsageError
 
-# The affine coupling scale is sigmoid(raw + SCALE_OFFSET): near 0.88 at initialisation, < 1.
+# The affine coupling scale is s = SCALE_FLOOR + (1 - SCALE_FLOOR) * sigmoid(raw + SCALE_OFFSET):
+# in (SCALE_FLOOR, 1), near 0.94 at initialisation.
 SCALE_OFFSET = 2.0
+SCALE_FLOOR = 0.5
 
 
 def _constant_ladj(value: Tensor, batch: int) -> Tensor:
@@ -193,17 +195,20 @@ def coupling_network(channels_in: int, hidden: int, channels_out: int) -> Coupli
 
 
 class AffineCoupling(nn.Module):
-    """Affine coupling with a bounded scale.
+    """Affine coupling with a scale bounded on both sides.
 
     The input splits by channel into ``(x_a, x_b)``, ``x_a`` the first ``C // 2`` channels.
-    ``(t, h) = net(x_a)``, ``s = sigmoid(h + 2)`` in ``(0, 1)``, and
-    ``y = (x_a, (x_b - t) / s)``. ladj: ``-sum(log s)`` per image. The network's last
-    convolution starts at zero, so a new coupling is a fixed scale ``1 / sigmoid(2)``.
+    ``(t, h) = net(x_a)``, ``s = f + (1 - f) * sigmoid(h + 2)`` in ``(f, 1)`` with the floor
+    ``f = SCALE_FLOOR = 0.5``, and ``y = (x_a, (x_b - t) * s)``. ladj: ``sum(log s)`` per
+    image. The network's last convolution starts at zero, so a new coupling is a fixed scale
+    ``f + (1 - f) * sigmoid(2)``.
 
-    The scale divides on the way to the latents and multiplies on the way back, so the
-    inverse ``x_b = y_b * s + t`` contracts (``s < 1``): sampling from any ``r`` (a high
-    temperature, a broad conditional prior) cannot blow up through the couplings. Nothing is
-    clamped in either direction.
+    Towards the latents the scale multiplies (Glow's and normflows' direction), so ``r`` and
+    the loss depend on ``h`` through the bounded ``s``, never through ``1 / s``: dividing
+    there makes ``r`` grow like ``exp(-h)`` and trains in spikes (to NaN with a flat prior).
+    The inverse ``x_b = y_b / s + t`` divides by at most ``1 / f = 2``, where the unfloored
+    ``1 / sigmoid(h + 2)`` overflows for large negative ``h`` (non-finite samples). Nothing
+    is clamped in either direction.
     """
 
     def __init__(self, channels: int, hidden: int) -> None:
@@ -214,19 +219,20 @@ class AffineCoupling(nn.Module):
 
     def _shift_and_log_scale(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
         shift, raw = self.net(x_a).chunk(2, dim=1)
-        return shift, F.logsigmoid(raw + SCALE_OFFSET)
+        scale = SCALE_FLOOR + (1.0 - SCALE_FLOOR) * torch.sigmoid(raw + SCALE_OFFSET)
+        return shift, scale.log()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[:, : self.kept], x[:, self.kept :]
         shift, log_scale = self._shift_and_log_scale(x_a)
-        y_b = (x_b - shift) * torch.exp(-log_scale)
-        return torch.cat([x_a, y_b], dim=1), -log_scale.sum(dim=(1, 2, 3))
+        y_b = (x_b - shift) * log_scale.exp()
+        return torch.cat([x_a, y_b], dim=1), log_scale.sum(dim=(1, 2, 3))
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         y_a, y_b = y[:, : self.kept], y[:, self.kept :]
         shift, log_scale = self._shift_and_log_scale(y_a)
-        x_b = y_b * log_scale.exp() + shift
-        return torch.cat([y_a, x_b], dim=1), log_scale.sum(dim=(1, 2, 3))
+        x_b = y_b * torch.exp(-log_scale) + shift
+        return torch.cat([y_a, x_b], dim=1), -log_scale.sum(dim=(1, 2, 3))
 
 
 class AdditiveCoupling(nn.Module):
