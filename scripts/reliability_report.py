@@ -40,8 +40,8 @@ METHOD = """## How the faults are made
   the old one byte for byte or the complete new one (digest recomputed); every checkpoint
   verifies against its `integrity.json` and `run.json` names one on disk; a run's files are
   byte for byte what they were; an image or extension that a killed process finished is
-  bit-identical to the reference; and the next command runs to the end (a resumed training
-  ends with weights bit-identical to an uninterrupted run). A kill that lands after the
+  complete and verifies; and the next command runs to the end (a resumed training ends with
+  weights bit-identical to an uninterrupted run). A kill that lands after the
   command finished is counted as "finished first" (exit 0).
 - **Disk full** (`test_disk.py`): the store or run on a real tmpfs mounted with a small
   `size=`, or filled to the last page; **read-only**: a read-only bind mount; `chattr +i`.
@@ -76,10 +76,11 @@ LIMITS = """## Known limits
   or `config.toml`, may leave a `.tmp-` file beside that file which the next run does not
   remove (litter, not loss); stores and checkpoints clean theirs up.
 - Locks are `flock` locks: advisory, and unreliable on some network file systems.
-- In a long test session, `tzk extend` and `tzk sample` run in the test process gave results
-  that differ from a fresh process on the same run and seed (the global RNG and the thread
-  count were ruled out; the cause is not known), so bit-for-bit references come from fresh
-  processes.
+- `tzk extend` and `tzk sample` with the same run and seed did not always give the same
+  bytes: in a long test session against a fresh process, and once between two fresh
+  processes (PYTHONHASHSEED, the global RNG and the thread count were ruled out; the cause is
+  not known). The kill tests therefore check that a finished output is complete, not that it
+  equals a reference.
 """
 
 
