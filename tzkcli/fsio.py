@@ -5,7 +5,9 @@ Two promises hold for every artifact tzk writes (store, checkpoint, model, repor
 - **all or nothing**: it is written under a temporary name in the same directory, flushed and
   fsync'ed, then renamed over the old one (``os.replace`` is atomic on POSIX). A process killed
   at any moment, SIGKILL included, leaves either the old file or the complete new one, plus at
-  most a stale ``.tmp-*`` file that the next writer removes.
+  most a stale ``.tmp-*`` file. Writers that hold the artifact's lock (the store, checkpoints)
+  remove such leftovers with :func:`remove_stale_temporaries`; other leftovers stay until
+  removed by hand, since a writer without the lock cannot tell them from another's live file.
 - **one writer**: a writer holds an exclusive ``flock`` on a lock file beside the artifact for
   as long as it writes; a second writer fails at once with :class:`~tzkcli.errors.BusyError`.
   The kernel drops the lock when the holder dies, so a killed writer never leaves it stuck.
