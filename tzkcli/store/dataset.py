@@ -31,8 +31,9 @@ class StoreDataset(Dataset):
     ``indices[i]``; :meth:`batch` reads many positions at once. ``in_memory=None`` loads the
     images into RAM when they take at most ``IN_MEMORY_LIMIT_BYTES`` (4 GiB), else reads them
     from the file on demand. ``kinds`` picks the code columns (default every kind of the store,
-    in its order); a kind the store lacks is a ``BadInputError``. The store's digest is checked whenever the file is reopened, so
-    a store replaced under a running job is an error rather than silently different data.
+    in its order); a kind the store lacks is a ``BadInputError``. The store's digest is checked
+    whenever the file is reopened, so a store replaced under a running job is an error rather
+    than silently different data.
     """
 
     def __init__(self, path: str | os.PathLike[str], indices: Sequence[int] | np.ndarray,
