@@ -56,7 +56,9 @@ from tzkcli.knowledge import (
 from tzkcli.knowledge.priors import ResidualStats
 
 FORMAT = "tzk-model"
-VERSION = 1
+# 2: the floored affine coupling that multiplies towards the latents and the bounded split
+# prior; a version-1 model's weights would load but map images differently.
+VERSION = 2
 MANIFEST = "model.json"
 IMPUTE = ("posterior", "prior", "none")
 
@@ -701,7 +703,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise BadInputError(f"{path}: format {found!r}, expected {FORMAT!r}")
     if manifest.get("version") != VERSION:
-        raise BadInputError(f"{path}: version {manifest.get('version')!r}, expected {VERSION}")
+        raise BadInputError(
+            f"{path}: version {manifest.get('version')!r}, expected {VERSION} "
+            "(models of other versions map images differently: retrain)"
+        )
     for key in ("config", "registry", "rates", "weights"):
         if key not in manifest:
             raise BadInputError(f"{path}: no {key!r} entry, expected {key} of the model")

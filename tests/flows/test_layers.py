@@ -27,6 +27,7 @@ from tzkcli.flows import (
     Squeeze,
     Standardize,
 )
+from tzkcli.flows.layers import LOG_SIGMA_BOUND
 
 SHAPE = (4, 4, 4)
 
@@ -248,3 +249,26 @@ def test_affine_scale_is_bounded_in_both_directions(raw: float) -> None:
     assert torch.isfinite(x_back).all() and (x_back[:, 2:].abs() <= 2 * x[:, 2:].abs()).all()
     assert (layer(x_back)[0] - x).abs().max() / 1e3 < 1e-12
     assert (ladj_back + layer(x_back)[1]).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("raw", [-40.0, 40.0])
+def test_split_prior_sigma_is_bounded_in_both_directions(raw: float) -> None:
+    # A saturated split prior (raw -40: sigma ~ 4e-18 unbounded) must neither blow up the
+    # residuals on the way to the latents nor the samples on the way back.
+    layer = Split(4).double()
+    with torch.no_grad():
+        layer.prior.bias[2:].fill_(raw)  # log sigma channels; the mean stays 0
+    x = _input()
+
+    (h, r), ladj = layer(x)
+    bound = math.exp(LOG_SIGMA_BOUND)
+    assert (r.abs() <= bound * x[:, 2:].abs() + 1e-12).all()
+    assert (r.abs() >= x[:, 2:].abs() / bound - 1e-12).all()
+    assert (ladj.abs() <= 2 * 16 * LOG_SIGMA_BOUND + 1e-9).all()
+
+    x_back, ladj_back = layer.inverse((h, x[:, 2:]))
+    assert torch.isfinite(x_back).all()
+    assert (x_back[:, 2:].abs() <= bound * x[:, 2:].abs() + 1e-12).all()
+    assert (layer(x_back)[0][1] - x[:, 2:]).abs().max() < 1e-12
+    assert (ladj_back + layer(x_back)[1]).abs().max() < 1e-9
+

@@ -143,6 +143,21 @@ def test_manifest_problems_are_named(tmp_path):
         TzK.load(tmp_path)
 
 
+def test_a_model_of_an_older_version_is_refused(tmp_path):
+    registry = Registry()
+    registry.add_condition("dataset", "mnist")
+    model = TzK(ModelConfig(flow=GlowConfig(shape=(1, 4, 4), levels=1, steps=1, hidden=4)),
+                registry)
+    model.initialize(torch.zeros(2, 1, 4, 4, dtype=torch.uint8))
+    model.save(tmp_path)
+    manifest = json.loads((tmp_path / "model.json").read_text())
+    manifest["version"] = 1
+    (tmp_path / "model.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(BadInputError, match="version 1, expected 2 .*retrain"):
+        TzK.load(tmp_path)
+
+
 def test_a_model_with_its_own_flow_needs_it_to_load(tmp_path):
     registry = Registry()
     registry.add_condition("dataset", "mnist")

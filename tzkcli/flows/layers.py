@@ -23,6 +23,9 @@ from tzkcli.errors import UsageError
 # in (SCALE_FLOOR, 1), near 0.94 at initialisation.
 SCALE_OFFSET = 2.0
 SCALE_FLOOR = 0.5
+# The split prior's log standard deviation is LOG_SIGMA_BOUND * tanh(raw / LOG_SIGMA_BOUND):
+# sigma in (e^-3, e^3) = (0.05, 20), the identity near 0 where it starts.
+LOG_SIGMA_BOUND = 3.0
 
 
 def _constant_ladj(value: Tensor, batch: int) -> Tensor:
@@ -280,8 +283,14 @@ class Split(nn.Module):
 
     ``x = (h, z)`` by channel, ``h`` the first ``C // 2`` channels (kept for the next level).
     The split prior ``p_0(z | h) = N(mu(h), sigma(h)^2)`` comes from a zero-initialised 3x3
-    convolution of ``h``; the output is ``(h, r)`` with the standardised residual
+    convolution of ``h``, ``(mu, u) = conv(h)``, with ``log sigma = B tanh(u / B)`` bounded
+    by ``B = LOG_SIGMA_BOUND = 3``; the output is ``(h, r)`` with the standardised residual
     ``r = (z - mu) / sigma``, standard normal under ``p_0``. ladj: ``-sum(log sigma)``.
+
+    The bound is for training: ``sigma`` is a function of the data, and an unbounded
+    ``1 / sigma(h)`` lets one batch's ``h`` blow ``r`` and the gradients up (Adam at 1e-3
+    then spikes). It also bounds the inverse: ``z = mu + r sigma`` scales ``r`` by at most
+    ``e^3``.
     """
 
     def __init__(self, channels: int) -> None:
@@ -293,8 +302,8 @@ class Split(nn.Module):
         nn.init.zeros_(self.prior.bias)
 
     def _mean_and_log_sigma(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        mean, log_sigma = self.prior(h).chunk(2, dim=1)
-        return mean, log_sigma
+        mean, raw = self.prior(h).chunk(2, dim=1)
+        return mean, LOG_SIGMA_BOUND * torch.tanh(raw / LOG_SIGMA_BOUND)
 
     def forward(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
         h, z = x[:, : self.kept], x[:, self.kept :]
