@@ -34,6 +34,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--betas", default="0,0.01",
+                        help="tzk models to train, by the objective's beta")
     parser.add_argument("--test", type=int, default=2000, help="MNIST test images scored")
     parser.add_argument("--samples", type=int, default=640)
     parser.add_argument("--seed", type=int, default=0)
@@ -77,28 +79,30 @@ def quality_section(args: argparse.Namespace) -> None:
     test_images, test_labels = mnist("test")
     test_images, test_labels = test_images[: args.test], test_labels[: args.test]
     arch = (args.levels, args.depth, args.hidden)
+    betas = tuple(float(b) for b in args.betas.split(","))
 
     print(f"\n## After {args.train_steps} steps (batch {args.batch}, Adam 1e-3), "
           f"bpd on {len(test_images)} MNIST test images, non-finite of {args.samples} samples",
           flush=True)
-    print("| seed | tzk p_0 bpd | tzk digit bpd | normflows digit bpd | non-finite T=0.7 "
-          "tzk / normflows | non-finite T=1.0 tzk / normflows | train s tzk / normflows |")
-    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    print(f"before: {_machine(args.threads)}")
+    print("| seed | model | p_0 bpd | digit bpd | non-finite T=0.7 | non-finite T=1.0 | "
+          "train s | training loss, mean per 50 steps |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     first = None
     for seed in (int(s) for s in args.seeds.split(",")):
-        trained = quality.train_pair(seed, images, labels, arch, args.train_steps, args.batch)
+        trained = quality.train_seed(seed, images, labels, arch, args.train_steps, args.batch,
+                                     betas)
         first = first or trained
         scores = quality.test_bpd(trained, test_images, test_labels)
         cold = quality.non_finite_samples(trained, 0.7, args.samples)
         warm = quality.non_finite_samples(trained, 1.0, args.samples)
-        print(f"| {seed} | {quality.bits(scores['tzk p_0'])} | "
-              f"{quality.bits(scores['tzk digit'])} | "
-              f"{quality.bits(scores['normflows digit'])} | {cold['tzk']} / "
-              f"{cold['normflows']} | {warm['tzk']} / {warm['normflows']} | "
-              f"{trained.seconds['tzk']:.0f} / {trained.seconds['normflows']:.0f} |",
-              flush=True)
+        for name in (*trained.tzk, "normflows"):
+            base = quality.bits(scores[f"{name} p_0"]) if name in trained.tzk else "-"
+            print(f"| {seed} | {name} | {base} | {quality.bits(scores[f'{name} digit'])} | "
+                  f"{cold[name]} | {warm[name]} | {trained.seconds[name]:.0f} | "
+                  f"{quality.curve(trained.losses[name])} |", flush=True)
 
-    seconds = quality.score_seconds(first.tzk, test_images[: args.batch], rounds=7)
+    seconds = quality.score_seconds(first.default, test_images[: args.batch], rounds=7)
     print(f"\nscore a batch of {args.batch}: " + ", ".join(
         f"{k} conditions {1e3 * s:.0f} ms" for k, s in seconds.items())
         + f"; 100 / 1 = {seconds[100] / seconds[1]:.2f}", flush=True)
