@@ -25,6 +25,17 @@ def test_help_lists_every_command(tzk):
         assert name in result.stdout
 
 
+def test_command_help_reflows_its_paragraphs_to_the_terminal_width():
+    # The docstring breaks "each new prior is" and "fitted in closed form" across two lines;
+    # a 200-column terminal shows the whole paragraph on one line.
+    import os
+
+    wide = run_tzk_process("extend", "--help", env={**os.environ, "COLUMNS": "200"})
+    assert wide.code == 0
+    assert any("each new prior is fitted in closed form" in line
+               for line in wide.stdout.splitlines())
+
+
 def test_unknown_command_is_a_usage_error(tzk):
     result = tzk("no-such-command")
     assert result.code == 2

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from tzkcli import __version__
-from tzkcli.cli.common import run_app
+from tzkcli.cli.common import reflowed, run_app
 
 app = typer.Typer(
     name="tzk",
@@ -55,6 +55,10 @@ def _register() -> None:
             continue
         module = importlib.import_module(f"tzkcli.cli.{info.name}")
         module.register(app)
+
+    for command in app.registered_commands:
+        if command.help is None and command.callback is not None and command.callback.__doc__:
+            command.help = reflowed(command.callback.__doc__)
 
 
 _register()

@@ -7,6 +7,7 @@ Results go to stdout (or ``--json``); progress, logs and errors go to stderr. A
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -18,6 +19,17 @@ from rich.console import Console
 from tzkcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TzkError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reflowed(doc: str) -> str:
+    """A command's docstring as help text: paragraphs kept, the line breaks inside them
+    joined, so that Rich wraps each paragraph to the terminal's width.
+
+    Typer's ``rich`` markup mode keeps every hard line break after the first paragraph, so a
+    docstring wrapped at 100 columns would print ragged in any other width.
+    """
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
 
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
