@@ -36,6 +36,14 @@ def test_command_help_reflows_its_paragraphs_to_the_terminal_width():
                for line in wide.stdout.splitlines())
 
 
+def test_top_level_help_lists_the_exit_codes(tzk):
+    result = tzk("--help")
+    assert result.code == 0
+    text = " ".join(result.stdout.split())  # whatever the terminal's width
+    assert "Exit codes: 0 success, 1 internal error, 2 usage error, 3 bad input" in text
+    assert "5 run failed, 130 interrupted" in text
+
+
 def test_unknown_command_is_a_usage_error(tzk):
     result = tzk("no-such-command")
     assert result.code == 2

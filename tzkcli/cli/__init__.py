@@ -16,7 +16,6 @@ from tzkcli.cli.common import reflowed, run_app
 
 app = typer.Typer(
     name="tzk",
-    help="Train conditional Glow flows (TzK) on several image datasets at once.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -59,6 +58,7 @@ def _register() -> None:
     for command in app.registered_commands:
         if command.help is None and command.callback is not None and command.callback.__doc__:
             command.help = reflowed(command.callback.__doc__)
+    app.registered_callback.help = reflowed(_root.__doc__ or "")
 
 
 _register()
