@@ -686,9 +686,18 @@ class TzK(nn.Module):
 
 
 def _draw(logits: Tensor, rows: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One categorical draw per row from ``logits`` (rows not in ``rows`` draw 0)."""
+    """One categorical draw per row from ``logits``.
+
+    Rows not in ``rows`` draw 0, and so do rows whose probabilities are not finite (a
+    diverged model): their loss is non-finite anyway, and the caller's non-finite policy, not
+    a crash inside the draw, decides what happens next.
+    """
     safe = torch.where(rows[:, None], logits, torch.zeros_like(logits))
     probs = torch.softmax(safe, dim=1)
+    finite = torch.isfinite(probs).all(dim=1, keepdim=True)
+    first = torch.zeros_like(probs)
+    first[:, 0] = 1.0
+    probs = torch.where(finite, probs, first)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 

@@ -59,6 +59,20 @@ def test_objective_by_hand():
     torch.testing.assert_close(parts["ce"], ce, rtol=0, atol=1e-12)
 
 
+def test_a_diverged_prior_gives_a_non_finite_loss_not_a_crash_in_imputation():
+    # A NaN prior makes the posterior NaN; imputing a label by sampling from it must not raise
+    # (torch.multinomial rejects NaN): the caller's non-finite policy handles the loss.
+    model = two_dataset_model()
+    shift(model, "label=mnist/2", float("nan"))
+    x = torch.full((4, 1, 1, 2), 102, dtype=torch.uint8)
+    codes = torch.tensor([[0, -1]] * 4)
+
+    loss, parts = model.objective(x, codes, impute="posterior",
+                                  generator=torch.Generator().manual_seed(0))
+    assert not torch.isfinite(loss)
+    assert parts["imputed"].item() == 1
+
+
 def test_unknown_values_are_imputed_within_the_dataset_domain():
     model = two_dataset_model()
     shift(model, "label=mnist/2", 0.4, -1.0)            # far more likely for these pixels
