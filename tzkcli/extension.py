@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from tzkcli import fsio
-from tzkcli.errors import BadInputError, UsageError
+from tzkcli.errors import BadInputError, RunFailedError, UsageError
 from tzkcli.evaluation.data import StoreView, check_shape, model_codes, read_store
 from tzkcli.evaluation.evaluate import seeded
 from tzkcli.evaluation.runs import CHECKPOINTS, OpenRun, open_run, read_run_record
@@ -172,6 +172,7 @@ def extend_run(run: str | os.PathLike[str], options: ExtendOptions,
             with fewer than 2 images in the split; ``out`` exists and is not empty.
         UsageError: no condition, a negative step count, ``finetune`` without steps.
         BusyError: another process holds the run (or ``out``).
+        RunFailedError: the fine-tune's loss became non-finite (nothing is written).
     """
     run = Path(run)
     _check_options(options)
@@ -515,7 +516,12 @@ def _kind_ce(model: Any, stats: ResidualStats, codes: torch.Tensor, kinds: list[
 def _finetune(model: Any, view: StoreView, rows: np.ndarray, codes: np.ndarray,
               options: ExtendOptions, config: dict[str, Any],
               progress: Progress | None) -> None:
-    """Every parameter, the full objective, batches of the store's images the model knows."""
+    """Every parameter, the full objective, batches of the store's images the model knows.
+
+    Gradients are clipped to the run's ``grad_clip`` (0: none), as in training. A non-finite
+    loss stops the fine-tune with :class:`~tzkcli.errors.RunFailedError`; the caller then
+    writes nothing.
+    """
     device = model.priors.anchor.device
     known = codes[:, 0] >= 0
     rows, codes = rows[known], codes[known]
@@ -523,6 +529,7 @@ def _finetune(model: Any, view: StoreView, rows: np.ndarray, codes: np.ndarray,
     order = np.random.default_rng(options.seed)
     beta = float(config.get("beta", 0.01))
     impute = str(config.get("impute", "posterior"))
+    grad_clip = float(config.get("grad_clip", 0.0))
     model.train()
     for step in range(options.refine_steps):
         chosen = np.sort(order.choice(len(rows), min(options.batch_size, len(rows)),
@@ -532,10 +539,12 @@ def _finetune(model: Any, view: StoreView, rows: np.ndarray, codes: np.ndarray,
         loss, _ = model.objective(x.to(device), torch.from_numpy(codes[chosen]).to(device),
                                   beta=beta, impute=impute, generator=generator)
         if not bool(torch.isfinite(loss)):
-            raise BadInputError(f"--finetune: non-finite loss at step {step + 1}; expected "
-                                "finite losses (try a lower --lr)")
+            raise RunFailedError(f"--finetune: non-finite loss at step {step + 1}; expected "
+                                 "finite losses (try a lower --lr); nothing was written")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         if progress is not None:
             progress("fine-tune", step + 1, options.refine_steps)

@@ -194,6 +194,17 @@ def test_finetune_says_so_and_trains_the_flow(tzk, weak_run: Path, full_store: P
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("flow."))
 
 
+def test_a_diverging_finetune_exits_5_and_writes_nothing(tzk, run_copy: Path,
+                                                         full_store: Path) -> None:
+    before = snapshot(run_copy)
+    result = tzk("extend", run_copy, "--condition", "label=mnist/1", "--store", full_store,
+                 "--finetune", "--refine-steps", "4", "--batch-size", "8", "--lr", "1e30",
+                 "--device", "cpu")
+    assert result.code == 5, result.stderr
+    assert "--finetune: non-finite loss at step" in _error_line(result)
+    assert snapshot(run_copy) == before
+
+
 def test_extend_in_place_adds_a_checkpoint_and_keeps_the_old_one(
         tzk, run_copy: Path, full_store: Path, label_run) -> None:
     old = snapshot(run_copy / "checkpoints" / "step-00000004")

@@ -52,7 +52,8 @@ def extend_command(
     conditions too. Rates of kinds that gain values are re-estimated from the store's counts.
 
     Writes checkpoint step-N-extend-K (all or nothing, holding the run lock) in RUN or --out.
-    Exit codes: 2 usage, 3 bad input, 4 run in use. See docs/commands.md.
+    Exit codes: 2 usage, 3 bad input, 4 run in use, 5 fine-tune diverged. See
+    docs/commands.md.
     """
     from tzkcli.extension import ExtendOptions, extend_run
     from tzkcli.training.config import parse_prior_flags
