@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.store.fixtures import write_small_sources
+from tests.tiny import train_tiny_run
 
-TINY = {"levels": 2, "flow_steps": 2, "hidden": 16, "batch_size": 16, "val_images": 32,
-        "warmup": 2, "steps": 4, "checkpoint_every": 4, "val_every": 4, "quiet": True,
-        "device": "cpu", "seed": 0}
 
 
 @pytest.fixture(scope="session")
@@ -71,11 +69,7 @@ def small_shape_store(eval_sources: Path) -> Path:
 @pytest.fixture(scope="session")
 def weak_run(tmp_path_factory: pytest.TempPathFactory, weak_store: Path) -> Path:
     """A tiny model trained for 4 steps on ``weak_store`` (read-only for tests: copy it)."""
-    from tzkcli.training import resolve, start_run
-
-    run = tmp_path_factory.mktemp("eval-runs") / "weak"
-    start_run(weak_store, run, resolve({}, dict(TINY), "tests"))
-    return run
+    return train_tiny_run(weak_store, tmp_path_factory.mktemp("eval-runs") / "weak")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.model.flows import IdentityFlow
+from tests.tiny import one_thread
 from tzkcli.errors import BadInputError
 from tzkcli.knowledge import Registry
 from tzkcli.model import ModelConfig, TzK
@@ -148,15 +149,13 @@ def read_mnist(root, count: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture
-def one_thread():
+def single_thread():
     """One intra-op thread: on a shared 2-core machine, more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
-def test_objective_decreases_on_real_mnist(data_root, one_thread):
+def test_objective_decreases_on_real_mnist(data_root, single_thread):
     from tzkcli.flows import GlowConfig
 
     torch.manual_seed(0)

@@ -26,14 +26,11 @@ from pathlib import Path
 import pytest
 
 from tests.store.fixtures import REPO, write_small_sources
+from tests.tiny import TINY_FLAGS as TINY_RUN_FLAGS
+from tests.tiny import one_thread, train_tiny_run
 
 RECORD_ENV = "TZK_RELIABILITY_RECORD"
-TINY_FLAGS = ["--levels", "2", "--flow-steps", "2", "--hidden", "16", "--batch-size", "16",
-              "--val-images", "32", "--warmup", "2", "--log-every", "1", "--quiet",
-              "--device", "cpu"]
-TINY = {"levels": 2, "flow_steps": 2, "hidden": 16, "batch_size": 16, "val_images": 32,
-        "warmup": 2, "steps": 4, "checkpoint_every": 2, "val_every": 4, "quiet": True,
-        "device": "cpu", "seed": 0}
+TINY_FLAGS = [*TINY_RUN_FLAGS, "--device", "cpu"]
 
 # tests elsewhere in the suite that already try a fault of this table, counted by hand
 ELSEWHERE = [
@@ -148,20 +145,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(scope="package", autouse=True)
-def one_thread() -> Iterator[None]:
+def single_thread() -> Iterator[None]:
     """One intra-op thread here and in subprocesses (a shared 2-core machine; and a run
     resumed here must compute as the killed subprocess did, bit for bit)."""
-    import torch
-
-    before, threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if before is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = before
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -198,11 +186,8 @@ def full_store(sources: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, weak_store: Path) -> Path:
     """A tiny model trained for 4 steps on ``weak_store`` (read-only: copy it)."""
-    from tzkcli.training import resolve, start_run
-
     run = tmp_path_factory.mktemp("reliability-runs") / "run"
-    start_run(weak_store, run, resolve({}, dict(TINY), "tests"))
-    return run
+    return train_tiny_run(weak_store, run, checkpoint_every=2)
 
 
 @pytest.fixture
