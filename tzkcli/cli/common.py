@@ -31,6 +31,7 @@ def reflowed(doc: str) -> str:
     paragraphs = inspect.cleandoc(doc).split("\n\n")
     return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
 
+
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
