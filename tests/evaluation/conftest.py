@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.store.fixtures import write_small_sources
+from tests.store.fixtures import write_small_sources, write_unlabelled_manifest
 from tests.tiny import train_tiny_run
-
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +23,7 @@ def eval_sources(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> P
     """Cut-down real sources and manifests, plus ``mnist-unlabelled.toml`` without labels."""
     work = tmp_path_factory.mktemp("eval-sources")
     write_small_sources(data_root, work)
-    text = (work / "mnist.toml").read_text()
-    unlabelled = [line for line in text.splitlines() if "kinds.label" not in line]
-    (work / "mnist-unlabelled.toml").write_text("\n".join(unlabelled) + "\n")
+    write_unlabelled_manifest(work)
     return work
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.store.fixtures import REPO, write_small_sources
+from tests.store.fixtures import REPO, write_small_sources, write_unlabelled_manifest
 from tests.tiny import TINY_FLAGS as TINY_RUN_FLAGS
 from tests.tiny import one_thread, train_tiny_run
 
@@ -158,9 +158,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     ``mnist-unlabelled.toml``."""
     work = tmp_path_factory.mktemp("reliability-sources")
     write_small_sources(data_root, work)
-    text = (work / "mnist.toml").read_text()
-    unlabelled = [line for line in text.splitlines() if "kinds.label" not in line]
-    (work / "mnist-unlabelled.toml").write_text("\n".join(unlabelled) + "\n")
+    write_unlabelled_manifest(work)
     return work
 
 

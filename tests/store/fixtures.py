@@ -166,6 +166,15 @@ seed = 20190206
 """
 
 
+def write_unlabelled_manifest(workdir: Path) -> Path:
+    """``mnist-unlabelled.toml``: the MNIST manifest of ``workdir`` without its labels."""
+    text = (workdir / "mnist.toml").read_text()
+    unlabelled = [line for line in text.splitlines() if "kinds.label" not in line]
+    path = workdir / "mnist-unlabelled.toml"
+    path.write_text("\n".join(unlabelled) + "\n")
+    return path
+
+
 def write_small_sources(data_root: Path, workdir: Path, n_train: int = 200, n_test: int = 100,
                         n_members: int = 120, atlas_rows: int = 5) -> list[Path]:
     """Cut the real data down into ``workdir`` and write manifests for it; return them.
