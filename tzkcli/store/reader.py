@@ -468,6 +468,7 @@ class RowMap:
 PROBE_SECONDS = 120.0
 _probed: set[tuple[int, int, int, int]] = set()
 _in_probe = False
+HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def probe_open(path: Path) -> None:
@@ -491,12 +492,16 @@ def probe_open(path: Path) -> None:
     key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key in _probed:
         return
+    # SIGINT and SIGTERM wait until the fork is over: one that lands in an at-fork callback
+    # (logging registers some) is printed as "Exception ignored" and lost, and Ctrl-C with it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: see Warning
         pid = os.fork()
     if pid == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _probe_child(path)
-    status = _wait_for_probe(pid)
+    status = _wait_for_probe(pid, mask)
     if status is not None and os.WIFSIGNALED(status):
         name = signal.Signals(os.WTERMSIG(status)).name
         raise BadInputError(
@@ -526,11 +531,16 @@ def _probe_work(path: Path) -> None:
             RowMap.of(store.path, store._images)
 
 
-def _wait_for_probe(pid: int) -> int | None:
-    """The child's wait status, or None when it ran past ``PROBE_SECONDS`` (then killed)."""
+def _wait_for_probe(pid: int, mask: set[signal.Signals]) -> int | None:
+    """The child's wait status, or None when it ran past ``PROBE_SECONDS`` (then killed).
+
+    Restores the signal ``mask`` first, so a signal held during the fork is raised here,
+    where the child is killed and reaped before it propagates.
+    """
     deadline = time.monotonic() + PROBE_SECONDS
     delay = 0.0005
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
