@@ -24,6 +24,14 @@ lacks; a new condition whose images come from a dataset the model lacks adds tha
 The knowledge rates of every kind that gains values are re-estimated from the store's counts
 on the fitting split, which changes posteriors as it should; no existing prior changes.
 
+Calibration (``calibrate = N``, opt-in): every existing condition is refitted by the same
+closed form on its images among ``N`` random images of the split, in the same flow pass. The
+flow and ``p_0`` stay frozen; the old conditions do not. Why: gradient training leaves the
+trained priors behind the flow they were trained with (Adam moves a parameter by about the
+learning rate per step while the flow keeps changing), so a new condition fitted in closed form
+outscores them on their own images; after a calibration old and new priors are fits of the same
+estimator on the same flow. ``refine_steps`` then refines old and new together.
+
 Output: a new checkpoint ``step-NNNNNNNN-extend-K`` (see :mod:`tzkcli.evaluation.runs`) in the
 run, or in a new run directory ``out``, written all or nothing under the run lock, with an
 ``extension.json`` that records what was added and how; ``run.json`` names it as latest.
@@ -83,6 +91,9 @@ class ExtendOptions:
         batch_size: images per flow pass and per refinement step.
         lr: learning rate of refinement (default 1e-2) or fine-tuning (default 1e-4).
         device: where the model runs.
+        calibrate: refit every existing condition in closed form on up to this many images
+            of the split, drawn at random by ``seed`` (0: none; the old conditions stay
+            frozen). Refinement then trains the old and the new conditions together.
     """
 
     conditions: Sequence[str]
@@ -96,6 +107,7 @@ class ExtendOptions:
     batch_size: int = 256
     lr: float | None = None
     device: str | torch.device = "cpu"
+    calibrate: int = 0
 
 
 @dataclass
@@ -115,8 +127,24 @@ class NewCondition:
 
 
 @dataclass
+class Calibrated:
+    """One existing condition refitted by ``calibrate``: ``images`` of the sample it was fitted
+    on, their mean bpd under its prior before (``bpd_before``) and after (``bpd``)."""
+
+    spec: str
+    images: int
+    bpd_before: float
+    bpd: float
+
+    @property
+    def gain(self) -> float:
+        return self.bpd_before - self.bpd
+
+
+@dataclass
 class ExtendResult:
-    """What an extension wrote."""
+    """What an extension wrote; ``images``: how many images its flow pass scored (the new
+    conditions' images and the calibration sample)."""
 
     run: Path
     checkpoint: str
@@ -127,6 +155,9 @@ class ExtendResult:
     finetuned: bool
     refine_steps: int
     skipped: list[str]
+    calibrated: list[Calibrated] = field(default_factory=list)
+    uncalibrated: list[str] = field(default_factory=list)
+    images: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -137,6 +168,9 @@ class ExtendResult:
             "conditions": [{"spec": c.spec, "images": c.images, "bpd_base": c.bpd_base,
                             "bpd": c.bpd, "gain": c.gain, "added_for": c.added_for}
                            for c in self.conditions],
+            "calibrated": [{"spec": c.spec, "images": c.images, "bpd_before": c.bpd_before,
+                            "bpd": c.bpd, "gain": c.gain} for c in self.calibrated],
+            "uncalibrated": self.uncalibrated, "images": self.images,
         }
 
 
@@ -188,8 +222,14 @@ def extend_run(run: str | os.PathLike[str], options: ExtendOptions,
 
 
 def _check_options(options: ExtendOptions) -> None:
-    if not options.conditions:
-        raise UsageError("--condition: missing; expected at least one kind=value or kind")
+    if not options.conditions and not options.calibrate:
+        raise UsageError("--condition: missing; expected at least one kind=value or kind "
+                         "(or --calibrate N)")
+    if options.calibrate < 0:
+        raise UsageError(f"--calibrate {options.calibrate}: expected 0 or more images")
+    if options.calibrate and options.finetune:
+        raise UsageError("--calibrate with --finetune: the fine-tune trains every condition "
+                         "already; expected one of them")
     if options.refine_steps < 0:
         raise UsageError(f"--refine-steps {options.refine_steps}: expected 0 or more")
     if options.finetune and options.refine_steps == 0:
@@ -217,22 +257,32 @@ def _extend(opened: OpenRun, options: ExtendOptions, progress: Progress | None) 
     new = add_conditions(model, view, plan, split_rows)
     codes = model_codes(view, model.registry)[split_rows]
     rows, own = _images_of(model.registry, codes, split_rows, new)
+    old: list[int] = []
+    if options.calibrate:
+        rows, own, old, uncalibrated = _with_sample(model.registry, view, split_rows, rows,
+                                                    new, frozen, options)
 
     cache = _residual_cache(model, view, rows, options, progress)
-    for index in new:
-        _fit(model, index, cache, own[:, new.index(index)])
+    fitted = old + new
+    before = _bpd_under(model, old, cache, own[:, : len(old)])
+    for j, index in enumerate(fitted):
+        _fit(model, index, cache, own[:, j])
     config = _run_config(opened.path)
     if options.finetune:
         _finetune(model, view, split_rows, codes, options, config, progress)
         cache = _residual_cache(model, view, rows, options, progress)
     elif options.refine_steps:
-        _refine(model, new, cache, own, options, float(config.get("beta", 0.01)), progress)
+        _refine(model, fitted, cache, own, options, float(config.get("beta", 0.01)), progress)
 
-    report = _report(model, new, cache, own, plan)
+    report = _report(model, new, cache, own[:, len(old):], plan)
+    after = _bpd_under(model, old, cache, own[:, : len(old)])
+    calibrated = [Calibrated(model.registry.condition(index).spec, int(own[:, j].sum()),
+                             before[j], after[j]) for j, index in enumerate(old)]
     result = ExtendResult(
         run=options.out or opened.path, checkpoint="", base=opened.checkpoint, store=store,
-        conditions=report, frozen_conditions=frozen, finetuned=options.finetune,
-        refine_steps=options.refine_steps, skipped=plan.skipped,
+        conditions=report, frozen_conditions=frozen - len(old), finetuned=options.finetune,
+        refine_steps=options.refine_steps, skipped=plan.skipped, calibrated=calibrated,
+        uncalibrated=uncalibrated if options.calibrate else [], images=len(rows),
     )
     result.checkpoint = write_extension(opened, options.out, model.cpu(), result, view)
     return result
@@ -377,13 +427,42 @@ def _recount(rates: Any, registry: Any, view: StoreView, rows: np.ndarray, plan:
 def _images_of(registry: Any, codes: np.ndarray, rows: np.ndarray,
                new: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Rows carrying at least one new condition, and which ones (bool ``[n, n_new]``)."""
-    own = np.zeros((len(rows), len(new)), dtype=bool)
-    for j, index in enumerate(new):
+    own = _membership(registry, codes, new)
+    keep = own.any(axis=1)
+    return rows[keep], own[keep]
+
+
+def _membership(registry: Any, codes: np.ndarray, indices: list[int]) -> np.ndarray:
+    """bool ``[n, len(indices)]``: whether each row's known value is each condition."""
+    own = np.zeros((len(codes), len(indices)), dtype=bool)
+    for j, index in enumerate(indices):
         condition = registry.condition(index)
         column = registry.kinds.index(condition.kind)
         own[:, j] = codes[:, column] == registry.values(condition.kind).index(condition.value)
-    keep = own.any(axis=1)
-    return rows[keep], own[keep]
+    return own
+
+
+def _with_sample(registry: Any, view: StoreView, split_rows: np.ndarray, rows: np.ndarray,
+                 new: list[int], frozen: int, options: ExtendOptions
+                 ) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
+    """Add ``options.calibrate`` random rows of the split for the old conditions' refit.
+
+    Returns the rows of the flow pass (the new conditions' rows and the sample, sorted), the
+    membership ``[n, n_old + n_new]`` (an old condition owns only its rows in the sample), the
+    old conditions refitted (those with at least ``MIN_IMAGES`` in the sample) and the specs
+    of the others.
+    """
+    draw = np.random.default_rng(options.seed)
+    size = min(options.calibrate, len(split_rows))
+    sample = np.sort(draw.choice(split_rows, size=size, replace=False))
+    union = np.union1d(rows, sample)
+    codes = model_codes(view, registry)[union]
+    own_old = _membership(registry, codes, list(range(frozen))) & np.isin(union, sample)[:, None]
+    enough = own_old.sum(axis=0) >= MIN_IMAGES
+    old = [index for index in range(frozen) if enough[index]]
+    skipped = [registry.condition(index).spec for index in range(frozen) if not enough[index]]
+    own = np.concatenate([own_old[:, enough], _membership(registry, codes, new)], axis=1)
+    return union, own, old, skipped
 
 
 # -- fitting -------------------------------------------------------------------------------
@@ -549,6 +628,19 @@ def _finetune(model: Any, view: StoreView, rows: np.ndarray, codes: np.ndarray,
         if progress is not None:
             progress("fine-tune", step + 1, options.refine_steps)
     model.eval()
+
+
+def _bpd_under(model: Any, indices: list[int], cache: _Cache, own: np.ndarray) -> list[float]:
+    """Mean bpd of each condition's own cached images under its prior."""
+    if not indices:
+        return []
+    anchor = model.priors.anchor
+    with torch.no_grad():
+        stats = _stats(cache, torch.arange(len(cache.rows)), anchor)
+        ladj = cache.ladj.to(anchor)[:, None]
+        bpd = model.bpd(model.priors.log_prob(stats, indices), ladj).double().cpu()
+    mask = torch.from_numpy(own)
+    return [float(bpd[mask[:, j], j].mean()) for j in range(len(indices))]
 
 
 def _report(model: Any, new: list[int], cache: _Cache, own: np.ndarray,

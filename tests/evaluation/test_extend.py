@@ -269,3 +269,73 @@ def test_extend_refuses_what_is_not_a_run(tzk, tmp_path: Path, full_store: Path,
     taken = tzk("extend", run_copy, "--condition", "label", "--store", full_store,
                 "--out", busy)
     assert taken.code == 3 and "exists and is not empty" in _error_line(taken)
+
+
+def test_calibrate_refits_the_old_conditions_in_closed_form_and_freezes_the_flow(
+        tzk, weak_run: Path, weak_store: Path, tmp_path: Path) -> None:
+    from tzkcli.evaluation.evaluate import seeded
+    from tzkcli.store import open_store
+
+    out = tmp_path / "calibrated"
+    # N beyond the split: the sample is every training image, so the fit is checkable
+    result = tzk("extend", weak_run, "--calibrate", "100000", "--out", out, "--device", "cpu",
+                 "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [c["spec"] for c in report["calibrated"]] == ["dataset=mnist",
+                                                         "dataset=omniglot-atlas"]
+    assert report["conditions"] == [] and report["frozen_conditions"] == 0
+    # a maximum-likelihood refit cannot score its own images worse
+    assert all(c["bpd"] <= c["bpd_before"] and c["gain"] > 0 for c in report["calibrated"])
+
+    before, model = _model(weak_run), _model(out)
+    old, new = before.state_dict(), model.state_dict()
+    assert set(old) == set(new)
+    assert all(torch.equal(old[k], new[k]) for k in old if not k.startswith("priors."))
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("priors."))
+
+    with open_store(weak_store) as store:
+        rows = store.indices(split="train")
+        mnist = np.asarray(store.codes("dataset"))[rows] == store.values("dataset").index(
+            "mnist")
+        x = torch.from_numpy(store.images(rows))
+    with torch.no_grad():
+        r, _ = model.residuals(x, seeded(0, 0, torch.device("cpu")))
+    r = [level[torch.from_numpy(mnist)].double() for level in r]
+    mean = torch.cat([r[0].mean(dim=(0, 2, 3)), r[1].flatten(1).mean(dim=0)])
+    prior = model.priors.conditions[model.registry.index("dataset=mnist")]
+    assert torch.allclose(prior.loc.double(), mean, atol=1e-4)
+
+
+def test_calibrate_with_a_new_condition_says_what_it_refitted(tzk, weak_run: Path,
+                                                              full_store: Path,
+                                                              tmp_path: Path) -> None:
+    result = tzk("extend", weak_run, "--condition", "label=mnist/3", "--store", full_store,
+                 "--calibrate", "300", "--refine-steps", "2", "--out", tmp_path / "both",
+                 "--device", "cpu")
+    assert result.code == 0, result.stderr
+    assert ("calibrated: the flow and p_0 are unchanged, 2 old conditions refitted, "
+            "0 unchanged") in result.stdout
+    assert "label=mnist/3: " in result.stdout
+    assert "dataset=mnist (refitted): " in result.stdout and "before (gain " in result.stdout
+
+    # three random images cannot hold two of both old datasets
+    few = tzk("extend", weak_run, "--condition", "label=mnist/3", "--store", full_store,
+              "--calibrate", "3", "--out", tmp_path / "few", "--device", "cpu")
+    assert few.code == 0, few.stderr
+    assert "not refitted dataset=" in few.stderr and "the --calibrate sample" in few.stderr
+    assert "old conditions are unchanged" in few.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "--condition: missing; expected at least one kind=value or kind (or --calibrate N)"),
+    (["--calibrate", "-1"], "--calibrate -1: expected 0 or more images"),
+    (["--calibrate", "5", "--finetune", "--refine-steps", "1"], "--calibrate with --finetune"),
+])
+def test_extend_calibrate_usage_errors_exit_2_and_write_nothing(
+        tzk, run_copy: Path, args: list[str], message: str) -> None:
+    before = snapshot(run_copy)
+    result = tzk("extend", run_copy, *args)
+    assert result.code == 2, result.stderr
+    assert message in _error_line(result)
+    assert snapshot(run_copy) == before

@@ -17,9 +17,9 @@ def register(app: typer.Typer) -> None:
 @guarded
 def extend_command(
     run: Path = typer.Argument(..., metavar="RUN", help="A run directory (tzk train)."),
-    condition: list[str] = typer.Option(
-        ..., "--condition", help="kind=value, or kind for every value the model lacks; "
-        "repeatable."),
+    condition: Optional[list[str]] = typer.Option(
+        None, "--condition", help="kind=value, or kind for every value the model lacks; "
+        "repeatable (optional with --calibrate).", show_default=False),
     store: Optional[Path] = typer.Option(
         None, "--store", help="Store to fit on \\[default: the run's training store].",
         show_default=False),
@@ -40,6 +40,9 @@ def extend_command(
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate \\[default: 1e-2 "
                                        "refine, 1e-4 fine-tune].", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    calibrate: int = typer.Option(0, "--calibrate", metavar="N", help="Refit every existing "
+                                  "condition in closed form on up to N random images of the "
+                                  "split (0: keep them frozen)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Add conditions (classes, attributes, datasets) to a trained model.
@@ -51,6 +54,10 @@ def extend_command(
     --store may name a store ingested later: datasets the model lacks become dataset=
     conditions too. Rates of kinds that gain values are re-estimated from the store's counts.
 
+    --calibrate N refits the old conditions too, on N images, so that trained and new priors
+    are fits of the same estimator (a new dataset no longer outscores weakly trained ones);
+    the flow and p_0 stay frozen. It runs without --condition as well.
+
     Writes checkpoint step-N-extend-K (all or nothing, holding the run lock) in RUN or --out.
     Exit codes: 2 usage, 3 bad input, 4 run in use, 5 fine-tune diverged. See
     docs/commands.md.
@@ -60,7 +67,7 @@ def extend_command(
     from tzkcli.training.distributed import choose_device
 
     options = ExtendOptions(
-        conditions=condition, store=store, out=out, refine_steps=refine_steps,
+        conditions=condition or [], store=store, calibrate=calibrate, out=out, refine_steps=refine_steps,
         finetune=finetune, prior=parse_prior_flags(prior or []),
         split=None if split == "all" else split, seed=seed, batch_size=batch_size, lr=lr,
         device=choose_device(device),
@@ -70,16 +77,26 @@ def extend_command(
         print_json(result.to_json())
         return
 
-    mode = ("fine-tuned: the flow, p_0 and the old conditions were trained too (not frozen)"
-            if result.finetuned else
-            f"frozen: the flow, p_0 and the {result.frozen_conditions} old conditions are "
-            "unchanged")
+    if result.finetuned:
+        mode = "fine-tuned: the flow, p_0 and the old conditions were trained too (not frozen)"
+    elif result.calibrated:
+        mode = (f"calibrated: the flow and p_0 are unchanged, {len(result.calibrated)} old "
+                f"conditions refitted, {result.frozen_conditions} unchanged")
+    else:
+        mode = (f"frozen: the flow, p_0 and the {result.frozen_conditions} old conditions are "
+                "unchanged")
     stdout.print(f"extended {run} ({result.base}) from {result.store}; {mode}",
                  highlight=False)
     for added in result.conditions:
         why = f" (new dataset of {added.added_for})" if added.added_for else ""
         stdout.print(f"  {added.spec}{why}: {added.images} images, bpd {added.bpd:.4f} vs "
                      f"p_0 {added.bpd_base:.4f} (gain {added.gain:+.4f})", highlight=False)
+    for fit in result.calibrated:
+        stdout.print(f"  {fit.spec} (refitted): {fit.images} images, bpd {fit.bpd:.4f} vs "
+                     f"{fit.bpd_before:.4f} before (gain {fit.gain:+.4f})", highlight=False)
+    for spec in result.uncalibrated:
+        stderr.print(f"not refitted {spec}: fewer than 2 of its images among the --calibrate "
+                     "sample", highlight=False)
     for spec in result.skipped:
         stderr.print(f"skipped {spec}: fewer than 2 images in the split", highlight=False)
     stdout.print(f"wrote {result.run / 'checkpoints' / result.checkpoint}", highlight=False)
