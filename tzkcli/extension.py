@@ -91,6 +91,7 @@ class ExtendOptions:
         batch_size: images per flow pass and per refinement step.
         lr: learning rate of refinement (default 1e-2) or fine-tuning (default 1e-4).
         device: where the model runs.
+        checkpoint: the run's checkpoint to extend: ``latest``, ``best`` or a name.
         calibrate: refit every existing condition in closed form on up to this many images
             of the split, drawn at random by ``seed`` (0: none; the old conditions stay
             frozen). Refinement then trains the old and the new conditions together.
@@ -108,6 +109,7 @@ class ExtendOptions:
     lr: float | None = None
     device: str | torch.device = "cpu"
     calibrate: int = 0
+    checkpoint: str = "latest"
 
 
 @dataclass
@@ -198,7 +200,8 @@ class _Cache:
 
 def extend_run(run: str | os.PathLike[str], options: ExtendOptions,
                progress: Progress | None = None) -> ExtendResult:
-    """Add ``options.conditions`` to the latest model of ``run``; write a new checkpoint.
+    """Add ``options.conditions`` to checkpoint ``options.checkpoint`` of ``run`` (the latest
+    by default); write a new checkpoint.
 
     Raises:
         BadInputError: not a run; a store of another shape; a kind or value the store lacks
@@ -217,7 +220,7 @@ def extend_run(run: str | os.PathLike[str], options: ExtendOptions,
         elif options.out.exists() and (not options.out.is_dir() or any(options.out.iterdir())):
             raise BadInputError(f"--out {options.out}: exists and is not empty; expected a new "
                                 "run directory")
-        opened = open_run(run)
+        opened = open_run(run, options.checkpoint)
         return _extend(opened, options, progress)
 
 

@@ -339,3 +339,25 @@ def test_extend_calibrate_usage_errors_exit_2_and_write_nothing(
     assert result.code == 2, result.stderr
     assert message in _error_line(result)
     assert snapshot(run_copy) == before
+
+
+def test_extend_checkpoint_picks_the_base(tzk, run_copy: Path, full_store: Path) -> None:
+    first = tzk("extend", run_copy, "--condition", "label=mnist/3", "--store", full_store,
+                "--device", "cpu")
+    assert first.code == 0, first.stderr
+    # latest is now the extension; --checkpoint best extends the trained model instead
+    second = tzk("extend", run_copy, "--condition", "label=mnist/5", "--store", full_store,
+                 "--checkpoint", "best", "--device", "cpu")
+    assert second.code == 0, second.stderr
+    record = json.loads((run_copy / "run.json").read_text())
+    assert record["latest"] == "step-00000004-extend-2"
+    assert record["extended_from"] == "step-00000004"
+    specs = [c.spec for c in _model(run_copy).registry.conditions]
+    assert "label=mnist/5" in specs and "label=mnist/3" not in specs
+
+    before = snapshot(run_copy)
+    missing = tzk("extend", run_copy, "--condition", "label=mnist/1", "--store", full_store,
+                  "--checkpoint", "step-00000009")
+    assert missing.code == 3
+    assert "--checkpoint step-00000009: not found in" in _error_line(missing)
+    assert snapshot(run_copy) == before

@@ -40,6 +40,8 @@ def extend_command(
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate \\[default: 1e-2 "
                                        "refine, 1e-4 fine-tune].", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    checkpoint: str = typer.Option("latest", "--checkpoint",
+                                   help="latest, best, or a checkpoint name to extend."),
     calibrate: int = typer.Option(0, "--calibrate", metavar="N", help="Refit every existing "
                                   "condition in closed form on up to N random images of the "
                                   "split (0: keep them frozen)."),
@@ -67,7 +69,7 @@ def extend_command(
     from tzkcli.training.distributed import choose_device
 
     options = ExtendOptions(
-        conditions=condition or [], store=store, calibrate=calibrate, out=out, refine_steps=refine_steps,
+        conditions=condition or [], store=store, calibrate=calibrate, checkpoint=checkpoint, out=out, refine_steps=refine_steps,
         finetune=finetune, prior=parse_prior_flags(prior or []),
         split=None if split == "all" else split, seed=seed, batch_size=batch_size, lr=lr,
         device=choose_device(device),
