@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -492,16 +493,19 @@ def probe_open(path: Path) -> None:
     key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key in _probed:
         return
-    # SIGINT and SIGTERM wait until the fork is over: one that lands in an at-fork callback
-    # (logging registers some) is printed as "Exception ignored" and lost, and Ctrl-C with it.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: see Warning
-        pid = os.fork()
+    pending: list[int] = []
+    previous = _defer_signals(pending)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: see Warning
+            pid = os.fork()
+    except BaseException:
+        _restore_signals(previous)
+        raise
     if pid == 0:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _restore_signals(previous)
         _probe_child(path)
-    status = _wait_for_probe(pid, mask)
+    status = _wait_for_probe(pid, previous, pending)
     if status is not None and os.WIFSIGNALED(status):
         name = signal.Signals(os.WTERMSIG(status)).name
         raise BadInputError(
@@ -531,16 +535,44 @@ def _probe_work(path: Path) -> None:
             RowMap.of(store.path, store._images)
 
 
-def _wait_for_probe(pid: int, mask: set[signal.Signals]) -> int | None:
+def _defer_signals(pending: list[int]) -> dict[int, Any]:
+    """Record SIGINT and SIGTERM in ``pending`` instead of handling them; return the handlers
+    replaced (for :func:`_restore_signals`).
+
+    A signal handled while Python runs the at-fork callbacks (logging registers some) raises
+    inside one of them, where it is printed as "Exception ignored" and lost, and Ctrl-C with
+    it. Blocking the signals in this thread is not enough: the kernel hands a signal sent to
+    the process to any thread that does not block it (torch's OpenMP workers), and Python
+    still runs the handler in the main thread. Handlers run in the main thread only, so
+    elsewhere there is nothing to defer; a handler not installed from Python is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for number in HELD_SIGNALS:
+        handler = signal.getsignal(number)
+        if handler is not None:
+            previous[number] = signal.signal(number, lambda n, _frame: pending.append(n))
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
+def _wait_for_probe(pid: int, previous: dict[int, Any], pending: list[int]) -> int | None:
     """The child's wait status, or None when it ran past ``PROBE_SECONDS`` (then killed).
 
-    Restores the signal ``mask`` first, so a signal held during the fork is raised here,
-    where the child is killed and reaped before it propagates.
+    Restores the signal handlers first and delivers what was deferred during the fork, so it
+    is raised here, where the child is killed and reaped before it propagates.
     """
     deadline = time.monotonic() + PROBE_SECONDS
     delay = 0.0005
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _restore_signals(previous)
+        for number in pending:
+            signal.raise_signal(number)
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
