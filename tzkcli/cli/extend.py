@@ -69,7 +69,8 @@ def extend_command(
     from tzkcli.training.distributed import choose_device
 
     options = ExtendOptions(
-        conditions=condition or [], store=store, calibrate=calibrate, checkpoint=checkpoint, out=out, refine_steps=refine_steps,
+        conditions=condition or [], store=store, out=out, refine_steps=refine_steps,
+        calibrate=calibrate, checkpoint=checkpoint,
         finetune=finetune, prior=parse_prior_flags(prior or []),
         split=None if split == "all" else split, seed=seed, batch_size=batch_size, lr=lr,
         device=choose_device(device),
