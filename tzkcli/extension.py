@@ -261,6 +261,7 @@ def _extend(opened: OpenRun, options: ExtendOptions, progress: Progress | None) 
     codes = model_codes(view, model.registry)[split_rows]
     rows, own = _images_of(model.registry, codes, split_rows, new)
     old: list[int] = []
+    uncalibrated: list[str] = []
     if options.calibrate:
         rows, own, old, uncalibrated = _with_sample(model.registry, view, split_rows, rows,
                                                     new, frozen, options)
@@ -285,7 +286,7 @@ def _extend(opened: OpenRun, options: ExtendOptions, progress: Progress | None) 
         run=options.out or opened.path, checkpoint="", base=opened.checkpoint, store=store,
         conditions=report, frozen_conditions=frozen - len(old), finetuned=options.finetune,
         refine_steps=options.refine_steps, skipped=plan.skipped, calibrated=calibrated,
-        uncalibrated=uncalibrated if options.calibrate else [], images=len(rows),
+        uncalibrated=uncalibrated, images=len(rows),
     )
     result.checkpoint = write_extension(opened, options.out, model.cpu(), result, view)
     return result
@@ -633,35 +634,34 @@ def _finetune(model: Any, view: StoreView, rows: np.ndarray, codes: np.ndarray,
     model.eval()
 
 
-def _bpd_under(model: Any, indices: list[int], cache: _Cache, own: np.ndarray) -> list[float]:
-    """Mean bpd of each condition's own cached images under its prior."""
-    if not indices:
+def _bpd_under(model: Any, indices: list[int] | None, cache: _Cache,
+               own: np.ndarray) -> list[float]:
+    """Mean bpd of each condition's own cached images (column ``j`` of ``own``) under its
+    prior; ``indices`` None: under ``p_0``."""
+    if indices is not None and not indices:
         return []
     anchor = model.priors.anchor
     with torch.no_grad():
         stats = _stats(cache, torch.arange(len(cache.rows)), anchor)
         ladj = cache.ladj.to(anchor)[:, None]
-        bpd = model.bpd(model.priors.log_prob(stats, indices), ladj).double().cpu()
+        log_prior = (model.priors.base_log_prob(stats)[:, None] if indices is None
+                     else model.priors.log_prob(stats, indices))
+        bpd = model.bpd(log_prior, ladj).double().cpu()
     mask = torch.from_numpy(own)
-    return [float(bpd[mask[:, j], j].mean()) for j in range(len(indices))]
+    return [float(bpd[mask[:, j], 0 if indices is None else j].mean())
+            for j in range(own.shape[1])]
 
 
 def _report(model: Any, new: list[int], cache: _Cache, own: np.ndarray,
             plan: _Plan) -> list[NewCondition]:
     """Per new condition: images used, mean bpd under ``p_0`` and under its prior."""
-    anchor = model.priors.anchor
-    positions = torch.arange(len(cache.rows))
-    with torch.no_grad():
-        stats = _stats(cache, positions, anchor)
-        ladj = cache.ladj.to(anchor)
-        bpd_base = model.bpd(model.priors.base_log_prob(stats), ladj).double().cpu()
-        bpd = model.bpd(model.priors.log_prob(stats, new), ladj[:, None]).double().cpu()
+    bpd_base = _bpd_under(model, None, cache, own)
+    bpd = _bpd_under(model, new, cache, own)
     out = []
     for j, index in enumerate(new):
-        mask = torch.from_numpy(own[:, j])
         spec = model.registry.condition(index).spec
-        out.append(NewCondition(spec, int(mask.sum()), float(bpd_base[mask].mean()),
-                                float(bpd[mask, j].mean()), plan.added_for.get(spec)))
+        out.append(NewCondition(spec, int(own[:, j].sum()), bpd_base[j], bpd[j],
+                                plan.added_for.get(spec)))
     return out
 
 
