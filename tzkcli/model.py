@@ -58,7 +58,8 @@ from tzkcli.knowledge.priors import ResidualStats
 FORMAT = "tzk-model"
 # 2: the floored affine coupling that multiplies towards the latents and the bounded split
 # prior; a version-1 model's weights would load but map images differently.
-VERSION = 2
+# 3: Glow's log-scale factor in actnorm and the coupling networks' output gain (new names).
+VERSION = 3
 MANIFEST = "model.json"
 IMPUTE = ("posterior", "prior", "none")
 

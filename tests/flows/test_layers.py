@@ -27,7 +27,7 @@ from tzkcli.flows import (
     Squeeze,
     Standardize,
 )
-from tzkcli.flows.layers import LOG_SIGMA_BOUND
+from tzkcli.flows.layers import LOG_SCALE_FACTOR, LOG_SIGMA_BOUND, ZeroConv2d
 
 SHAPE = (4, 4, 4)
 
@@ -237,7 +237,7 @@ def test_affine_scale_is_bounded_in_both_directions(raw: float) -> None:
     # (dividing by sigmoid there trained in spikes) nor the samples (dividing on the way back).
     layer = AffineCoupling(4, 8).double()
     with torch.no_grad():
-        layer.net[-1].bias[2:].fill_(raw)  # scale channels; the shift stays 0
+        layer.net[-1].conv.bias[2:].fill_(raw)  # scale channels; the shift stays 0
     x = 1e3 * _input()
 
     y, ladj = layer(x)
@@ -272,3 +272,33 @@ def test_split_prior_sigma_is_bounded_in_both_directions(raw: float) -> None:
     assert (layer(x_back)[0][1] - x[:, 2:]).abs().max() < 1e-12
     assert (ladj_back + layer(x_back)[1]).abs().max() < 1e-9
 
+
+
+def test_actnorm_log_scale_is_stored_divided_by_the_factor_and_moves_faster() -> None:
+    # Glow's parameterisation: a first Adam step moves every parameter by its learning rate,
+    # so the effective log scale moves LOG_SCALE_FACTOR times as far.
+    layer = ActNorm(SHAPE[0]).double()
+    x = _input(batch=16)
+    layer.initialize(x)
+    std = x.std(dim=(0, 2, 3), keepdim=True, correction=0)
+    assert torch.allclose(layer.log_scale, -torch.log(std))
+    assert torch.allclose(LOG_SCALE_FACTOR * layer.raw_log_scale, layer.log_scale)
+
+    before = layer.log_scale.detach().clone()
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    y, ladj = layer(x)
+    (y.square().sum() - ladj.sum()).backward()
+    optimizer.step()
+    moved = (layer.log_scale.detach() - before).abs()
+    assert torch.allclose(moved, torch.full_like(moved, LOG_SCALE_FACTOR * 1e-3), rtol=1e-3)
+
+
+def test_zero_conv_starts_at_zero_and_scales_its_output_by_its_gain() -> None:
+    layer = ZeroConv2d(3, 2).double()
+    x = _input()[:, :3]
+    assert torch.equal(layer(x), torch.zeros(3, 2, *SHAPE[1:], dtype=torch.float64))
+
+    with torch.no_grad():
+        nn.init.normal_(layer.conv.weight)
+        layer.raw_log_gain.fill_(math.log(2.0) / LOG_SCALE_FACTOR)
+    assert torch.allclose(layer(x), 2 * layer.conv(x))

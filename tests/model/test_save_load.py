@@ -154,7 +154,7 @@ def test_a_model_of_an_older_version_is_refused(tmp_path):
     manifest["version"] = 1
     (tmp_path / "model.json").write_text(json.dumps(manifest))
 
-    with pytest.raises(BadInputError, match="version 1, expected 2 .*retrain"):
+    with pytest.raises(BadInputError, match="version 1, expected 3 .*retrain"):
         TzK.load(tmp_path)
 
 

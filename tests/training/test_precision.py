@@ -15,7 +15,7 @@ from tzkcli.training.metrics import read_metrics
 def test_coupling_network_computes_in_bf16_and_returns_float32() -> None:
     torch.manual_seed(0)
     net = coupling_network(2, 8, 4)
-    torch.nn.init.normal_(net[-1].weight)
+    torch.nn.init.normal_(net[-1].conv.weight)
     x = torch.rand(3, 2, 4, 4)
     full = net(x)
 
@@ -38,7 +38,7 @@ def test_glow_ladj_and_residuals_stay_float32() -> None:
     for module in glow.modules():
         if isinstance(module, CouplingNetwork):
             module.compute_dtype = torch.bfloat16
-            torch.nn.init.normal_(module[-1].weight, std=0.05)
+            torch.nn.init.normal_(module[-1].conv.weight, std=0.05)
 
     r, ladj = glow.forward(x)
     assert ladj.dtype == torch.float32 and all(level.dtype == torch.float32 for level in r)

@@ -26,6 +26,11 @@ SCALE_FLOOR = 0.5
 # The split prior's log standard deviation is LOG_SIGMA_BOUND * tanh(raw / LOG_SIGMA_BOUND):
 # sigma in (e^-3, e^3) = (0.05, 20), the identity near 0 where it starts.
 LOG_SIGMA_BOUND = 3.0
+# Glow's parameterisation (Kingma and Dhariwal's code, ``logscale_factor``): actnorm's log
+# scale and the log output gain of each coupling network are stored divided by this factor.
+# Adam moves every parameter by about its learning rate per step, so these two move 3x as fast
+# as the raw parameters would.
+LOG_SCALE_FACTOR = 3.0
 
 
 def _constant_ladj(value: Tensor, batch: int) -> Tensor:
@@ -49,6 +54,10 @@ class ActNorm(nn.Module):
     buffer ``initialised``, saved in the ``state_dict``: loading a saved state never
     re-initialises, and ``initialize`` on an initialised layer does nothing.
 
+    The parameter is ``raw_log_scale = log_scale / LOG_SCALE_FACTOR`` (Glow's
+    parameterisation; ``log_scale`` is a property). In the 300-step benchmark it took tzk's
+    test bpd from 2.246 to 2.042 on seed 0 (docs/benchmarks.md).
+
     ladj: ``H * W * sum(log_scale)`` per image.
 
     Raises:
@@ -59,7 +68,7 @@ class ActNorm(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
 
-        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.raw_log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.register_buffer("initialised", torch.tensor(False))
         # A Python mirror of the buffer, so the check costs no device synchronisation.
@@ -68,6 +77,10 @@ class ActNorm(nn.Module):
     @property
     def is_initialised(self) -> bool:
         return self._ready
+
+    @property
+    def log_scale(self) -> Tensor:
+        return LOG_SCALE_FACTOR * self.raw_log_scale
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
@@ -79,7 +92,7 @@ class ActNorm(nn.Module):
         std = x.std(dim=(0, 2, 3), keepdim=True, correction=0)
         # A constant channel has no scale to learn from; keep it finite.
         log_scale = -torch.log(std.clamp_min(1e-6))
-        self.log_scale.copy_(log_scale)
+        self.raw_log_scale.copy_(log_scale / LOG_SCALE_FACTOR)
         self.bias.copy_(-mean * log_scale.exp())
 
         self.initialised.fill_(True)
@@ -183,17 +196,31 @@ class CouplingNetwork(nn.Sequential):
         return h.to(x.dtype)
 
 
+class ZeroConv2d(nn.Module):
+    """A 3x3 convolution that starts at zero, with a learned output gain per channel:
+    ``conv(x) * exp(LOG_SCALE_FACTOR * raw_log_gain)`` (Glow's ``conv2d_zeros``). Weights,
+    bias and ``raw_log_gain`` all start at zero, so the output does."""
+
+    def __init__(self, channels_in: int, channels_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels_in, channels_out, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.raw_log_gain = nn.Parameter(torch.zeros(1, channels_out, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) * torch.exp(LOG_SCALE_FACTOR * self.raw_log_gain)
+
+
 def coupling_network(channels_in: int, hidden: int, channels_out: int) -> CouplingNetwork:
-    """3x3 conv, ReLU, 1x1 conv, ReLU, 3x3 conv; the last starts at zero (identity coupling)."""
-    last = nn.Conv2d(hidden, channels_out, 3, padding=1)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
+    """3x3 conv, ReLU, 1x1 conv, ReLU, zero-started 3x3 conv with an output gain
+    (:class:`ZeroConv2d`), so a new coupling is the identity (additive) or a fixed scale."""
     return CouplingNetwork(
         nn.Conv2d(channels_in, hidden, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(hidden, hidden, 1),
         nn.ReLU(),
-        last,
+        ZeroConv2d(hidden, channels_out),
     )
 
 
