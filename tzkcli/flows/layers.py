@@ -55,8 +55,8 @@ class ActNorm(nn.Module):
     re-initialises, and ``initialize`` on an initialised layer does nothing.
 
     The parameter is ``raw_log_scale = log_scale / LOG_SCALE_FACTOR`` (Glow's
-    parameterisation; ``log_scale`` is a property). In the 300-step benchmark it took tzk's
-    test bpd from 2.246 to 2.042 on seed 0 (docs/benchmarks.md).
+    parameterisation; ``log_scale`` is a property), so Adam moves the log scale
+    ``LOG_SCALE_FACTOR`` times as fast; docs/benchmarks.md has what that bought.
 
     ladj: ``H * W * sum(log_scale)`` per image.
 
