@@ -39,7 +39,8 @@ run, or in a new run directory ``out``, written all or nothing under the run loc
 Warning:
     A condition fitted on few images gets a tight prior on them (it is a maximum-likelihood
     fit); its bpd on the images it was fitted on is optimistic. Evaluate on another split.
-    The residual cache for refinement holds ``3 F`` floats per image of the new conditions.
+    The residual cache for refinement holds ``3 F`` floats per image of the new conditions
+    and of the ``calibrate`` sample.
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ class _Plan:
 
 @dataclass
 class _Cache:
-    """Residual statistics of the images of the new conditions (CPU, float32)."""
+    """Residual statistics of the images of the new conditions and of the calibration
+    sample (CPU, float32)."""
 
     rows: np.ndarray
     codes: np.ndarray
