@@ -169,6 +169,24 @@ def test_channels_last_gives_the_same_results() -> None:
     assert (x_back - x).abs().max() < 1e-10
 
 
+def test_a_channels_last_flow_runs_every_level_of_a_gray_image_in_channels_last() -> None:
+    glow = Glow(GlowConfig(shape=(1, 16, 16), levels=2, steps=1, hidden=8))
+    glow = glow.to(memory_format=torch.channels_last)
+    assert glow.memory_format() == torch.channels_last
+    layouts = []
+    for steps in glow.levels:
+        steps[0].register_forward_pre_hook(
+            lambda _, inputs: layouts.append(
+                inputs[0].is_contiguous(memory_format=torch.channels_last)
+                and not inputs[0].is_contiguous()))
+
+    glow.initialize(torch.rand(8, 1, 16, 16))
+    glow(torch.rand(8, 1, 16, 16))
+
+    assert layouts == [True, True, True, True]  # initialise, then forward, at both levels
+    assert Glow(glow.config).memory_format() == torch.contiguous_format
+
+
 def test_float32_round_trip_on_the_benchmark_architecture() -> None:
     torch.manual_seed(0)
     glow = Glow(GlowConfig(shape=(1, 16, 16), levels=3, steps=2, hidden=16))
