@@ -5,6 +5,7 @@ tensor per level, the top level last) with the log absolute determinant of its J
 ``ladj``: ``log p_0(x) = log N(r; 0, I) + ladj``. See ``docs/architecture.md``, "Flow".
 """
 
+from tzkcli.flows import kernels
 from tzkcli.flows.config import COUPLINGS, GlowConfig
 from tzkcli.flows.glow import Glow
 from tzkcli.flows.layers import (
@@ -30,4 +31,5 @@ __all__ = [
     "Split",
     "Squeeze",
     "Standardize",
+    "kernels",
 ]
