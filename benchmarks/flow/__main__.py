@@ -27,6 +27,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--sections", default="throughput,quality")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per subject")
     parser.add_argument("--steps", type=int, default=1, help="training steps per round")
+    parser.add_argument("--subjects", default="channels_last,no-fast-path,nchw,bf16,normflows",
+                        help="throughput subjects, interleaved (normflows is the reference)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--depth", type=int, default=8, help="flow steps per level")
@@ -51,9 +53,19 @@ def _machine(threads: int) -> str:
 def throughput(args: argparse.Namespace) -> None:
     images, labels = mnist("train")
     arch = (args.levels, args.depth, args.hidden)
-    subjects = [TzkSubject(*arch, channels_last=True), TzkSubject(*arch, channels_last=False),
-                TzkSubject(*arch, channels_last=True, bf16_networks=True),
-                NormflowsSubject(*arch)]
+    build = {
+        "channels_last": lambda: TzkSubject(*arch, channels_last=True),
+        "no-fast-path": lambda: TzkSubject(*arch, channels_last=True, fast_path=False),
+        "nchw": lambda: TzkSubject(*arch, channels_last=False),
+        "bf16": lambda: TzkSubject(*arch, channels_last=True, bf16_networks=True),
+        "normflows": lambda: NormflowsSubject(*arch),
+    }
+    names = args.subjects.split(",")
+    unknown = sorted(set(names) - set(build))
+    if unknown or "normflows" not in names:
+        raise SystemExit(f"--subjects {args.subjects!r}: expected names from {sorted(build)}, "
+                         "normflows among them")
+    subjects = [build[name]() for name in names]
     first = dequantise(images[:256], torch.Generator().manual_seed(args.seed))
     for subject in subjects:
         subject.initialize(first, labels[:256])

@@ -29,17 +29,22 @@ class TzkSubject:
     """tzk's Glow trained on bpd under its base prior ``p_0``."""
 
     def __init__(self, levels: int, steps: int, hidden: int, channels_last: bool,
-                 bf16_networks: bool = False) -> None:
+                 bf16_networks: bool = False, fast_path: bool = True) -> None:
         self.name = "tzk channels_last" if channels_last else "tzk NCHW"
         self.model = Glow(GlowConfig(shape=SHAPE, levels=levels, steps=steps, hidden=hidden))
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        networks = [m for m in self.model.modules() if isinstance(m, CouplingNetwork)]
         if bf16_networks:
             # What `tzk train --precision bf16` does: coupling networks under bf16 autocast.
             self.name += " + bf16 nets"
-            for module in self.model.modules():
-                if isinstance(module, CouplingNetwork):
-                    module.compute_dtype = torch.bfloat16
+            for network in networks:
+                network.compute_dtype = torch.bfloat16
+        if not fast_path:
+            # The coupling networks as plain oneDNN convolutions (tzkcli.flows.kernels).
+            self.name += ", no fast path"
+            for network in networks:
+                network.fast_path = False
 
     def initialize(self, x: Tensor, y: Tensor) -> None:
         self.model.initialize(x)
