@@ -247,7 +247,7 @@ def _check_options(options: ExtendOptions) -> None:
 
 def _extend(opened: OpenRun, options: ExtendOptions, progress: Progress | None) -> ExtendResult:
     device = torch.device(options.device)
-    model = opened.model.to(device)
+    model = opened.model.place(device)
     source = options.store if options.store is not None else opened.record.get("store")
     if not source:
         raise BadInputError(f"{opened.path / 'run.json'}: names no training store; expected "

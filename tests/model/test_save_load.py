@@ -61,6 +61,22 @@ def test_save_then_load_reproduces_every_log_likelihood_bit_for_bit(tmp_path):
                        model.code(x, "code=mnist/c", torch.Generator().manual_seed(1)))
 
 
+def test_placing_on_the_cpu_puts_the_flow_in_channels_last_and_keeps_the_scores(tmp_path):
+    model, x, _ = trained_like()
+    before = scores_of(model, x)
+    model.save(tmp_path / "model")
+
+    placed = TzK.load(tmp_path / "model").place("cpu")
+
+    weights = [p for p in placed.flow.parameters() if p.dim() == 4 and p.shape[-1] == 3]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last)
+                           and not w.is_contiguous() for w in weights)
+    after = scores_of(placed, x)
+    assert torch.allclose(after.bpd, before.bpd, rtol=0, atol=1e-12)
+    placed.save(tmp_path / "again")
+    assert torch.equal(scores_of(TzK.load(tmp_path / "again"), x).bpd, after.bpd)
+
+
 def test_loaded_actnorm_is_not_initialised_again(tmp_path):
     model, x, _ = trained_like()
     model.save(tmp_path / "model")

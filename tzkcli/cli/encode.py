@@ -55,7 +55,7 @@ def encode_command(
     from tzkcli.training.distributed import choose_device
 
     opened = open_run(run, checkpoint)
-    model = opened.model.to(choose_device(device))
+    model = opened.model.place(choose_device(device))
     registry = model.registry
     chosen = registry.condition(check_bottleneck(registry, condition))
     view = read_store(store)

@@ -63,7 +63,7 @@ def sample_command(
     from tzkcli.training.distributed import choose_device
 
     opened = open_run(run, checkpoint)
-    model = opened.model.to(choose_device(device))
+    model = opened.model.place(choose_device(device))
     specs = list(condition or [])
     if label is not None:
         specs.insert(0, resolve_class(model.registry, label))

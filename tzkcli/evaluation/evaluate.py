@@ -156,7 +156,7 @@ def evaluate(
             one with no image of a dataset the model knows.
     """
     device = torch.device(options.device)
-    model.to(device).eval()
+    model.place(device).eval()
     view = read_store(store)
     check_shape(view, model)
     rows = view.rows(options.split)

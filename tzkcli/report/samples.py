@@ -49,7 +49,7 @@ def write_sample_grids(run: str | os.PathLike[str], temperatures: Sequence[float
 
     run = Path(run)
     opened = open_run(run, checkpoint)
-    model = opened.model.to(choose_device(device))
+    model = opened.model.place(choose_device(device))
     folder = run / SAMPLES_DIR
     try:
         folder.mkdir(exist_ok=True)

@@ -262,7 +262,7 @@ class _Trainer:
     def build(self) -> None:
         """Build the new model (seeded): the registry from the store, the flow, the priors."""
         torch.manual_seed(self.config.seed)
-        self.model = setup.build_model(self.config, self.data).to(self.world.device)
+        self.model = setup.build_model(self.config, self.data).place(self.world.device)
 
     def fresh(self) -> None:
         """Write the run's configuration and first record, initialise actnorm."""
@@ -313,7 +313,7 @@ class _Trainer:
             raise BadInputError(f"{self.checkpoints}: no checkpoint; nothing to resume from")
         latest = found[-1]
         state = ckpt.load_state(latest)
-        self.model = TzK.load(latest.model_dir).to(self.world.device)
+        self.model = TzK.load(latest.model_dir).place(self.world.device)
         self.data.check_registry(self.model.registry)
         self.metrics = MetricsLog(self.run, enabled=self.world.writer)
         self._apply_precision()
