@@ -54,11 +54,11 @@ def test_the_backward_is_the_derivative_of_the_forward_in_float64() -> None:
 
 @pytest.mark.parametrize("layout", ["channel slice of channels_last", "contiguous"])
 def test_the_fast_path_equals_the_plain_network_in_float32(layout: str) -> None:
-    network = _network(2, 32, 4).to(memory_format=CHANNELS_LAST)
+    network = _network(2, 64, 4).to(memory_format=CHANNELS_LAST)
     whole = torch.randn(16, 4, 16, 16)
     x = whole.to(memory_format=CHANNELS_LAST)[:, :2] if "slice" in layout else whole[:, :2]
     grad_y = torch.randn(16, 4, 16, 16)
-    assert kernels.applies(x)
+    assert kernels.applies(x, 64)
 
     fast = _outputs_and_gradients(network, network, x, grad_y)
     plain = _outputs_and_gradients(lambda v: _plain(network, v), network, x, grad_y)
@@ -68,15 +68,16 @@ def test_the_fast_path_equals_the_plain_network_in_float32(layout: str) -> None:
 
 
 def test_the_fast_path_serves_only_thin_float32_cpu_inputs_with_many_pixels() -> None:
-    assert kernels.applies(torch.zeros(16, 2, 16, 16))
-    assert not kernels.applies(torch.zeros(8, 2, 16, 16))  # 2,048 pixels for 2 channels
-    assert not kernels.applies(torch.zeros(64, 6, 16, 16))  # too many channels
-    assert not kernels.applies(torch.zeros(16, 2, 16, 16, dtype=torch.float64))
-    assert not kernels.applies(torch.zeros(16, 2, 16, 16, dtype=torch.bfloat16))
+    assert kernels.applies(torch.zeros(16, 2, 16, 16), 128)
+    assert not kernels.applies(torch.zeros(16, 2, 16, 16), 48)  # a narrow network
+    assert not kernels.applies(torch.zeros(8, 2, 16, 16), 128)  # 2,048 pixels for 2 channels
+    assert not kernels.applies(torch.zeros(64, 6, 16, 16), 128)  # too many channels
+    assert not kernels.applies(torch.zeros(16, 2, 16, 16, dtype=torch.float64), 128)
+    assert not kernels.applies(torch.zeros(16, 2, 16, 16, dtype=torch.bfloat16), 128)
 
 
 def test_a_network_runs_its_plain_path_when_told_or_under_another_precision() -> None:
-    network = _network(2, 8, 4)
+    network = _network(2, 64, 4)
     x = torch.randn(16, 2, 16, 16)
     calls = []
     network.register_forward_hook(lambda *_: calls.append(1))
@@ -96,9 +97,10 @@ def test_a_network_runs_its_plain_path_when_told_or_under_another_precision() ->
 
 def test_a_glow_trains_the_same_with_and_without_the_fast_path() -> None:
     torch.manual_seed(0)
-    glow = Glow(GlowConfig(shape=(1, 32, 32), levels=2, steps=2, hidden=16))
+    glow = Glow(GlowConfig(shape=(1, 32, 32), levels=2, steps=2, hidden=64))
     glow = glow.to(memory_format=CHANNELS_LAST)
     x = torch.rand(16, 1, 32, 32)
+    assert kernels.applies(torch.zeros(16, 2, 16, 16), 64)  # the first level's networks
     glow.initialize(x)
     perturb(glow, scale=0.05)
 

@@ -28,9 +28,12 @@ from torch import Tensor
 # The fast path pays where the network's input is thin and the pixels many: it serves inputs
 # of at most MAX_CHANNELS channels with at least MIN_ROWS_PER_CHANNEL pixels (over the batch)
 # per channel. Measured (docs/benchmarks.md): 1.09x to 1.28x inside that, 0.85x to 0.99x
-# outside it (6 or more channels, or 2 channels over 2,048 pixels).
+# outside it (6 or more channels, or 2 channels over 2,048 pixels) ...
 MAX_CHANNELS = 4
 MIN_ROWS_PER_CHANNEL = 2048
+# ... and only for networks of at least this many hidden channels (0.70x to 0.92x at 16 to 48,
+# 1.34x to 1.36x at 64 to 256, for 2 -> F -> 4 channels at 16x16, batch 64).
+MIN_HIDDEN = 64
 CHANNELS_LAST = torch.channels_last
 # oneDNN's convolution with a ReLU post-op (a private op of torch's CPU builds; without it
 # the convolution and the ReLU run one after the other).
@@ -39,16 +42,18 @@ _FUSED_RELU = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 TAPS = [(i - 1, j - 1) for i in range(3) for j in range(3)]
 
 
-def applies(x: Tensor) -> bool:
-    """Whether :class:`FusedCouplingNetwork` serves ``x``: float32 on the CPU with oneDNN,
-    a thin input (``MAX_CHANNELS``) and many pixels (``MIN_ROWS_PER_CHANNEL``). It runs in
-    channels_last whatever the layout of ``x``: a thin input costs little to copy."""
+def applies(x: Tensor, hidden: int) -> bool:
+    """Whether :class:`FusedCouplingNetwork` serves ``x`` for a network of ``hidden`` channels:
+    float32 on the CPU with oneDNN, a thin input (``MAX_CHANNELS``), many pixels
+    (``MIN_ROWS_PER_CHANNEL``) and a wide network (``MIN_HIDDEN``). It runs in channels_last
+    whatever the layout of ``x``: a thin input costs little to copy."""
     if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     batch, channels, height, width = x.shape
     return (
         channels <= MAX_CHANNELS
         and batch * height * width >= MIN_ROWS_PER_CHANNEL * channels
+        and hidden >= MIN_HIDDEN
         and torch.backends.mkldnn.is_available()
     )
 

@@ -207,7 +207,8 @@ class CouplingNetwork(nn.Sequential):
     fast_path: bool = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fast_path and self.compute_dtype is None and kernels.applies(x):
+        if self.fast_path and self.compute_dtype is None and kernels.applies(
+                x, self[0].out_channels):
             return self._fused(x)
         if self.compute_dtype is None:
             return super().forward(x)
