@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -11,6 +12,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell starts a background job (`bash .ci/run &`) with SIGINT ignored, and Python then
+    # keeps it ignored, in this process and in every `tzk` the tests start. The tests of Ctrl-C
+    # need Python's own handler, which a user's foreground shell gives; install it here. (A
+    # handler set from Python resets to the default at exec, so the children get theirs.)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
