@@ -55,6 +55,13 @@ def test_stop_and_resume_is_bit_identical(tzk, small_store: Path, finished_run: 
                for k in whole)
 
 
+def test_adam_runs_fused(finished_run: Path) -> None:
+    latest = ckpt.list_checkpoints(finished_run / "checkpoints")[-1]
+    groups = ckpt.load_state(latest)["optimizer"]["param_groups"]
+
+    assert all(group["fused"] for group in groups)
+
+
 def test_metrics_first_record_is_the_config(finished_run: Path) -> None:
     records = read_metrics(finished_run)
 
