@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from tzkcli.errors import BadInputError, UsageError
 from tzkcli.flows.config import GlowConfig
-from tzkcli.flows.layers import FlowStep, Split, Squeeze, Standardize
+from tzkcli.flows.layers import FlowStep, Split, Squeeze, Standardize, is_channels_last
 
 
 class Glow(nn.Module):
@@ -142,9 +142,7 @@ class Glow(nn.Module):
         """``torch.channels_last`` after ``glow.to(memory_format=torch.channels_last)``, else
         ``torch.contiguous_format``: the layout every level runs in. (A one-channel image is
         both, so the flow sets it after the first squeeze.)"""
-        weight = self.levels[0][0].coupling.net[0].weight
-        if not weight.is_contiguous() and weight.is_contiguous(
-                memory_format=torch.channels_last):
+        if is_channels_last(self.levels[0][0].coupling.net[0].weight):
             return torch.channels_last
         return torch.contiguous_format
 

@@ -38,6 +38,7 @@ CHANNELS_LAST = torch.channels_last
 # oneDNN's convolution with a ReLU post-op (a private op of torch's CPU builds; without it
 # the convolution and the ReLU run one after the other).
 _FUSED_RELU = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+_ONEDNN = torch.backends.mkldnn.is_available()
 # Offsets (di, dj) of the nine taps of a 3x3 kernel, in the kernel's row-major order.
 TAPS = [(i - 1, j - 1) for i in range(3) for j in range(3)]
 
@@ -54,7 +55,7 @@ def applies(x: Tensor, hidden: int) -> bool:
         channels <= MAX_CHANNELS
         and batch * height * width >= MIN_ROWS_PER_CHANNEL * channels
         and hidden >= MIN_HIDDEN
-        and torch.backends.mkldnn.is_available()
+        and _ONEDNN
     )
 
 
