@@ -15,7 +15,7 @@ Units: bits per dimension at ``n_bits`` bits per pixel, uniform dequantisation
 with ``prior = -log q(r) / (D log 2)`` and ``ladj_term = -ladj / (D log 2)``; the
 dequantisation term is exactly ``n_bits``.
 
-Save format (a directory): ``model.json`` (format ``tzk-model`` version 1: config, registry,
+Save format (a directory): ``model.json`` (format ``tzk-model`` version 4: config, registry,
 rates, the weights file's name and sha256) and ``weights-HASH.pt`` (``torch.save`` of the
 ``state_dict``, read back with ``torch.load(weights_only=True)``).
 """
@@ -59,7 +59,11 @@ FORMAT = "tzk-model"
 # 2: the floored affine coupling that multiplies towards the latents and the bounded split
 # prior; a version-1 model's weights would load but map images differently.
 # 3: Glow's log-scale factor in actnorm and the coupling networks' output gain (new names).
-VERSION = 3
+# 4: the affine coupling's floor in the flow's config (``scale_floor``, default 0.1); a
+# version-3 model is read as ``scale_floor = 0.5``, the floor it was built with.
+VERSION = 4
+READABLE_VERSIONS = (3, 4)
+VERSION_3_SCALE_FLOOR = 0.5
 MANIFEST = "model.json"
 IMPUTE = ("posterior", "prior", "none")
 
@@ -588,7 +592,7 @@ class TzK(nn.Module):
         directory = Path(directory)
         manifest = _read_manifest(directory / MANIFEST)
         source = str(directory / MANIFEST)
-        config = ModelConfig.from_json(manifest["config"], f"{source}:config")
+        config = ModelConfig.from_json(_upgrade_config(manifest), f"{source}:config")
         if config.flow is None and flow is None:
             raise BadInputError(f"{source}: config.flow is null (a custom flow); "
                                 "expected the flow passed as flow=")
@@ -726,10 +730,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise BadInputError(f"{path}: format {found!r}, expected {FORMAT!r}")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise BadInputError(
-            f"{path}: version {manifest.get('version')!r}, expected {VERSION} "
-            "(models of other versions map images differently: retrain)"
+            f"{path}: version {manifest.get('version')!r}, expected one of "
+            f"{READABLE_VERSIONS} (models of other versions map images differently: retrain)"
         )
     for key in ("config", "registry", "rates", "weights"):
         if key not in manifest:
@@ -739,6 +743,16 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             or not isinstance(weights.get("sha256"), str) or "/" in weights["file"]:
         raise BadInputError(f"{path}: weights {weights!r}, expected {{file, sha256}}")
     return manifest
+
+
+def _upgrade_config(manifest: dict[str, Any]) -> Any:
+    """The manifest's config in the current version's terms: version 3 had no
+    ``scale_floor`` and built every affine coupling with 0.5."""
+    config = manifest["config"]
+    flow = config.get("flow") if isinstance(config, dict) else None
+    if manifest["version"] == 3 and isinstance(flow, dict) and "scale_floor" not in flow:
+        return {**config, "flow": {**flow, "scale_floor": VERSION_3_SCALE_FLOOR}}
+    return config
 
 
 def _read_weights(directory: Path, weights: dict[str, Any], source: str) -> dict[str, Tensor]:

@@ -22,6 +22,8 @@ from tzkcli.flows import (
     AdditiveCoupling,
     AffineCoupling,
     FlowStep,
+    Glow,
+    GlowConfig,
     InvConv1x1,
     Split,
     Squeeze,
@@ -204,8 +206,10 @@ def test_new_couplings_and_priors_start_as_fixed_maps() -> None:
     (h, r), ladj = Split(4).double()(x)
     assert torch.equal(torch.cat([h, r], dim=1), x) and not ladj.any()
 
-    y, ladj = AffineCoupling(4, 8).double()(x)
-    scale = 0.5 + 0.5 * torch.sigmoid(torch.tensor(2.0, dtype=torch.float64))
+    layer = AffineCoupling(4, 8).double()
+    y, ladj = layer(x)
+    floor = layer.scale_floor
+    scale = floor + (1 - floor) * torch.sigmoid(torch.tensor(2.0, dtype=torch.float64))
     assert (y[:, 2:] - x[:, 2:] * scale).abs().max() < 1e-14
     assert (ladj - 2 * 16 * scale.log()).abs().max() < 1e-12
 
@@ -231,24 +235,36 @@ def test_flow_step_equals_the_composition_of_its_layers(coupling: str) -> None:
     assert (x_back - expected).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("floor", [0.1, 0.5])
 @pytest.mark.parametrize("raw", [-40.0, 40.0])
-def test_affine_scale_is_bounded_in_both_directions(raw: float) -> None:
+def test_affine_scale_is_bounded_in_both_directions(raw: float, floor: float) -> None:
     # A saturated scale network (raw -40: sigmoid ~ 4e-18) must neither blow up the latents
-    # (dividing by sigmoid there trained in spikes) nor the samples (dividing on the way back).
-    layer = AffineCoupling(4, 8).double()
+    # (dividing by sigmoid there trained in spikes) nor the samples (dividing on the way back):
+    # towards the latents the scale is in (floor, 1), back it divides by at most 1 / floor.
+    layer = AffineCoupling(4, 8, scale_floor=floor).double()
     with torch.no_grad():
         layer.net[-1].conv.bias[2:].fill_(raw)  # scale channels; the shift stays 0
     x = 1e3 * _input()
 
     y, ladj = layer(x)
     assert (y[:, 2:].abs() <= x[:, 2:].abs()).all()
-    assert (y[:, 2:].abs() >= 0.5 * x[:, 2:].abs()).all()
-    assert (ladj <= 0).all() and (ladj >= 2 * 16 * math.log(0.5) - 1e-9).all()
+    assert (y[:, 2:].abs() >= floor * x[:, 2:].abs() * (1 - 1e-12)).all()
+    assert (ladj <= 0).all() and (ladj >= 2 * 16 * math.log(floor) - 1e-9).all()
 
     x_back, ladj_back = layer.inverse(x)
-    assert torch.isfinite(x_back).all() and (x_back[:, 2:].abs() <= 2 * x[:, 2:].abs()).all()
+    assert torch.isfinite(x_back).all()
+    assert (x_back[:, 2:].abs() <= x[:, 2:].abs() / floor * (1 + 1e-12)).all()
     assert (layer(x_back)[0] - x).abs().max() / 1e3 < 1e-12
     assert (ladj_back + layer(x_back)[1]).abs().max() < 1e-9
+    if raw < 0:  # saturated: the floor itself
+        assert (y[:, 2:] / x[:, 2:] - floor).abs().max() < 1e-12
+
+
+def test_a_glow_builds_its_couplings_with_the_configs_floor() -> None:
+    glow = Glow(GlowConfig(shape=(1, 8, 8), levels=2, steps=2, hidden=8, scale_floor=0.25))
+    floors = {m.scale_floor for m in glow.modules() if isinstance(m, AffineCoupling)}
+    assert floors == {0.25}
+    assert GlowConfig().scale_floor == 0.1
 
 
 @pytest.mark.parametrize("raw", [-40.0, 40.0])

@@ -170,8 +170,34 @@ def test_a_model_of_an_older_version_is_refused(tmp_path):
     manifest["version"] = 1
     (tmp_path / "model.json").write_text(json.dumps(manifest))
 
-    with pytest.raises(BadInputError, match="version 1, expected 3 .*retrain"):
+    with pytest.raises(BadInputError, match=r"version 1, expected one of \(3, 4\) .*retrain"):
         TzK.load(tmp_path)
+
+
+def test_a_version_3_model_loads_with_the_floor_it_was_built_with(tmp_path):
+    # Version 3 had no scale_floor in its config and built every affine coupling with 0.5.
+    registry = Registry()
+    registry.add_condition("dataset", "mnist")
+    config = GlowConfig(shape=(1, 8, 8), levels=2, steps=2, hidden=8, scale_floor=0.5)
+    model = TzK(ModelConfig(flow=config), registry).double()
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    model.initialize(images)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    model.save(tmp_path)
+    manifest = json.loads((tmp_path / "model.json").read_text())
+    manifest["version"] = 3
+    del manifest["config"]["flow"]["scale_floor"]
+    (tmp_path / "model.json").write_text(json.dumps(manifest))
+
+    loaded = TzK.load(tmp_path)
+
+    assert loaded.config.flow.scale_floor == 0.5
+    conditions = model.registry.resolve(["dataset=mnist"])
+    expected = model.score(images, conditions, generator=torch.Generator().manual_seed(0))
+    found = loaded.score(images, conditions, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(found.bpd, expected.bpd)
 
 
 def test_a_model_with_its_own_flow_needs_it_to_load(tmp_path):

@@ -8,6 +8,10 @@ from typing import Any
 from tzkcli.errors import BadInputError
 
 COUPLINGS = ("affine", "additive")
+# The affine coupling's scale floor (GlowConfig.scale_floor). Models of format version 3 and
+# older were built with 0.5; version 4 made it a field and 0.1 its default (docs/benchmarks.md,
+# session 5: the 0.5 floor left the first actnorm to contract MNIST's background, in spikes).
+DEFAULT_SCALE_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -20,8 +24,11 @@ class GlowConfig:
         levels: number of levels ``L``; every level but the last splits off half its channels.
         steps: flow steps ``K`` per level (actnorm, invertible 1x1 convolution, coupling).
         hidden: channels of the hidden layers of every coupling network.
-        coupling: ``"affine"`` (scale ``0.5 + 0.5 * sigmoid(h + 2)`` in ``(0.5, 1)``) or
+        coupling: ``"affine"`` (scale ``f + (1 - f) * sigmoid(h + 2)`` in ``(f, 1)``) or
             ``"additive"``.
+        scale_floor: the affine coupling's floor ``f``, in ``[0, 1)``: each coupling contracts
+            by at most ``1 / f`` towards the latents, and its inverse expands by at most that
+            (0 is Glow's unbounded ``sigmoid(h + 2)``). Unused by the additive coupling.
 
     Invalid values raise :class:`~tzkcli.errors.BadInputError` with one line naming the field,
     the value found and what was expected.
@@ -32,6 +39,7 @@ class GlowConfig:
     steps: int = 8
     hidden: int = 128
     coupling: str = "affine"
+    scale_floor: float = DEFAULT_SCALE_FLOOR
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", _check_shape(self.shape))
@@ -41,6 +49,14 @@ class GlowConfig:
             raise BadInputError(
                 f"GlowConfig.coupling: found {self.coupling!r}, expected one of {COUPLINGS}"
             )
+
+        floor = self.scale_floor
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) \
+                or not 0.0 <= floor < 1.0:
+            raise BadInputError(
+                f"GlowConfig.scale_floor: found {floor!r}, expected a number in [0, 1)"
+            )
+        object.__setattr__(self, "scale_floor", float(floor))
 
         _, height, width = self.shape
         factor = 2**self.levels

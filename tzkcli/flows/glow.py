@@ -51,7 +51,7 @@ class Glow(nn.Module):
         shapes = []
         for level in range(config.levels):
             channels, height, width = 4 * channels, height // 2, width // 2
-            steps = [FlowStep(channels, config.hidden, config.coupling)
+            steps = [FlowStep(channels, config.hidden, config.coupling, config.scale_floor)
                      for _ in range(config.steps)]
             self.levels.append(nn.ModuleList(steps))
             if level < config.levels - 1:

@@ -19,11 +19,11 @@ from torch import Tensor, nn
 
 from tzkcli.errors import UsageError
 from tzkcli.flows import kernels
+from tzkcli.flows.config import DEFAULT_SCALE_FLOOR
 
-# The affine coupling scale is s = SCALE_FLOOR + (1 - SCALE_FLOOR) * sigmoid(raw + SCALE_OFFSET):
-# in (SCALE_FLOOR, 1), near 0.94 at initialisation.
+# The affine coupling scale is s = f + (1 - f) * sigmoid(raw + SCALE_OFFSET) in (f, 1), with
+# f = GlowConfig.scale_floor; near 0.89 at initialisation for f = 0.1.
 SCALE_OFFSET = 2.0
-SCALE_FLOOR = 0.5
 # The split prior's log standard deviation is LOG_SIGMA_BOUND * tanh(raw / LOG_SIGMA_BOUND):
 # sigma in (e^-3, e^3) = (0.05, 20), the identity near 0 where it starts.
 LOG_SIGMA_BOUND = 3.0
@@ -262,27 +262,31 @@ class AffineCoupling(nn.Module):
 
     The input splits by channel into ``(x_a, x_b)``, ``x_a`` the first ``C // 2`` channels.
     ``(t, h) = net(x_a)``, ``s = f + (1 - f) * sigmoid(h + 2)`` in ``(f, 1)`` with the floor
-    ``f = SCALE_FLOOR = 0.5``, and ``y = (x_a, (x_b - t) * s)``. ladj: ``sum(log s)`` per
-    image. The network's last convolution starts at zero, so a new coupling is a fixed scale
+    ``f = scale_floor`` in ``[0, 1)``, and ``y = (x_a, (x_b - t) * s)``. ladj: ``sum(log s)``
+    per image. The network's last convolution starts at zero, so a new coupling is a fixed scale
     ``f + (1 - f) * sigmoid(2)``.
 
     Towards the latents the scale multiplies (Glow's and normflows' direction), so ``r`` and
     the loss depend on ``h`` through the bounded ``s``, never through ``1 / s``: dividing
     there makes ``r`` grow like ``exp(-h)`` and trains in spikes (to NaN with a flat prior).
-    The inverse ``x_b = y_b / s + t`` divides by at most ``1 / f = 2``, where the unfloored
+    The inverse ``x_b = y_b / s + t`` divides by at most ``1 / f``, where the unfloored
     ``1 / sigmoid(h + 2)`` overflows for large negative ``h`` (non-finite samples). Nothing
-    is clamped in either direction.
+    is clamped in either direction. A floor near 1 leaves each coupling little contraction
+    (at most ``1 / f``), and the flow then contracts through actnorm, for every pixel alike.
     """
 
-    def __init__(self, channels: int, hidden: int) -> None:
+    def __init__(self, channels: int, hidden: int,
+                 scale_floor: float = DEFAULT_SCALE_FLOOR) -> None:
         super().__init__()
 
         self.kept = channels // 2
+        self.scale_floor = scale_floor
         self.net = coupling_network(self.kept, hidden, 2 * (channels - self.kept))
 
     def _shift_and_scale(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
         shift, raw = self.net(x_a).chunk(2, dim=1)
-        return shift, SCALE_FLOOR + (1.0 - SCALE_FLOOR) * torch.sigmoid(raw + SCALE_OFFSET)
+        floor = self.scale_floor
+        return shift, floor + (1.0 - floor) * torch.sigmoid(raw + SCALE_OFFSET)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[:, : self.kept], x[:, self.kept :]
@@ -408,13 +412,14 @@ class FlowStep(nn.Module):
     step equals their composition to rounding error. ladj: the sum of the three layers'.
     """
 
-    def __init__(self, channels: int, hidden: int, coupling: str) -> None:
+    def __init__(self, channels: int, hidden: int, coupling: str,
+                 scale_floor: float = DEFAULT_SCALE_FLOOR) -> None:
         super().__init__()
 
         self.actnorm = ActNorm(channels)
         self.invconv = InvConv1x1(channels)
         if coupling == "affine":
-            self.coupling: nn.Module = AffineCoupling(channels, hidden)
+            self.coupling: nn.Module = AffineCoupling(channels, hidden, scale_floor)
         else:
             self.coupling = AdditiveCoupling(channels, hidden)
 
