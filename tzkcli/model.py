@@ -59,7 +59,7 @@ FORMAT = "tzk-model"
 # 2: the floored affine coupling that multiplies towards the latents and the bounded split
 # prior; a version-1 model's weights would load but map images differently.
 # 3: Glow's log-scale factor in actnorm and the coupling networks' output gain (new names).
-# 4: the affine coupling's floor in the flow's config (``scale_floor``, default 0.1); a
+# 4: the affine coupling's floor in the flow's config (``scale_floor``, default 0.05); a
 # version-3 model is read as ``scale_floor = 0.5``, the floor it was built with.
 VERSION = 4
 READABLE_VERSIONS = (3, 4)

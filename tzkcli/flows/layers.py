@@ -22,7 +22,7 @@ from tzkcli.flows import kernels
 from tzkcli.flows.config import DEFAULT_SCALE_FLOOR
 
 # The affine coupling scale is s = f + (1 - f) * sigmoid(raw + SCALE_OFFSET) in (f, 1), with
-# f = GlowConfig.scale_floor; near 0.89 at initialisation for f = 0.1.
+# f = GlowConfig.scale_floor; near 0.89 at initialisation for f = 0.05.
 SCALE_OFFSET = 2.0
 # The split prior's log standard deviation is LOG_SIGMA_BOUND * tanh(raw / LOG_SIGMA_BOUND):
 # sigma in (e^-3, e^3) = (0.05, 20), the identity near 0 where it starts.
