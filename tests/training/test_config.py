@@ -92,6 +92,12 @@ def test_out_of_range_flags(flags: dict, message: str) -> None:
         resolve({}, flags, "flags")
 
 
+def test_the_scale_floor_default_is_the_flows(tmp_path: Path) -> None:
+    from tzkcli.flows.config import DEFAULT_SCALE_FLOOR
+
+    assert TrainConfig().scale_floor == DEFAULT_SCALE_FLOOR
+
+
 def test_resolved_toml_reads_back_equal(tmp_path: Path) -> None:
     config = resolve({}, {"lr": 3e-4, "prior": {"label": "bottleneck:3"}, "epochs": 2.5},
                      "flags")

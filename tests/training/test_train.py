@@ -62,6 +62,24 @@ def test_adam_runs_fused(finished_run: Path) -> None:
     assert all(group["fused"] for group in groups)
 
 
+def test_the_model_is_built_with_the_scale_floor(tzk, small_store: Path, finished_run: Path,
+                                                 tmp_path: Path) -> None:
+    from tzkcli.flows.config import DEFAULT_SCALE_FLOOR
+    from tzkcli.model import TzK
+
+    def floor(run: Path) -> float:
+        latest = ckpt.list_checkpoints(run / "checkpoints")[-1]
+        return TzK.load(latest.model_dir).config.flow.scale_floor
+
+    run = tmp_path / "run"
+    result = tzk("train", "--store", small_store, "--out", run, *TINY, "--steps", "1",
+                 "--scale-floor", "0.25")
+
+    assert result.code == 0, result.stderr
+    assert floor(run) == 0.25
+    assert floor(finished_run) == DEFAULT_SCALE_FLOOR
+
+
 def test_metrics_first_record_is_the_config(finished_run: Path) -> None:
     records = read_metrics(finished_run)
 
@@ -119,6 +137,7 @@ def test_corrupt_checkpoint_is_named_and_not_loaded(tzk, finished_run: Path,
     (["--val-split", "dev"], 3, "--val-split dev: the store"),
     (["--batch-size", "100000"], 3, "--batch-size 100000"),
     (["--optimizer", "sgd"], 2, "--optimizer sgd"),
+    (["--scale-floor", "1"], 2, "--scale-floor 1.0: expected a number in [0, 1)"),
     (["--kinds", "dataset,lable"], 3, "has no kind 'lable'; expected some of"),
 ])
 def test_bad_input_is_one_line(tzk, small_store: Path, tmp_path: Path, flags: list[str],

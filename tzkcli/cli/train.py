@@ -44,6 +44,9 @@ def train(
     hidden: Optional[int] = _opt("Hidden channels of coupling networks [default: 128].",
                                  PANEL_MODEL),
     coupling: Optional[str] = _opt("affine or additive [default: affine].", PANEL_MODEL),
+    scale_floor: Optional[float] = _opt("Floor f of the affine coupling's scale, in [0, 1): "
+                                        "each coupling contracts by at most 1/f "
+                                        "[default: 0.05].", PANEL_MODEL),
     n_bits: Optional[int] = _opt("Bits kept per pixel, 1-8 [default: 8].", PANEL_MODEL),
     prior: Optional[list[str]] = typer.Option(
         None, "--prior", help="Prior form of a kind, KIND=gaussian or KIND=bottleneck:Q; "
@@ -105,7 +108,8 @@ def train(
     """
     flags: dict[str, Any] = {
         "steps": steps, "epochs": epochs, "time_budget": time_budget, "levels": levels,
-        "flow_steps": flow_steps, "hidden": hidden, "coupling": coupling, "n_bits": n_bits,
+        "flow_steps": flow_steps, "hidden": hidden, "coupling": coupling,
+        "scale_floor": scale_floor, "n_bits": n_bits,
         "beta": beta, "impute": impute, "optimizer": optimizer, "lr": lr, "warmup": warmup,
         "grad_clip": grad_clip, "batch_size": batch_size, "weight_decay": weight_decay,
         "max_bad_steps": max_bad_steps, "bad_lr_factor": bad_lr_factor,

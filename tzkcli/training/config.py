@@ -59,6 +59,7 @@ class TrainConfig:
     flow_steps: int = 8
     hidden: int = 128
     coupling: str = "affine"
+    scale_floor: float = 0.05  # tzkcli.flows.config.DEFAULT_SCALE_FLOOR (no torch import here)
     n_bits: int = 8
     prior: dict[str, str] = field(default_factory=dict)
 
@@ -280,6 +281,7 @@ def validate(config: TrainConfig) -> None:
             raise UsageError(f"--{_flag(key)} {value}: expected a number > 0")
     checks = [
         ("n_bits", 1 <= config.n_bits <= 8, "an integer in 1..8"),
+        ("scale_floor", 0.0 <= config.scale_floor < 1.0, "a number in [0, 1)"),
         ("label_fraction", 0.0 <= config.label_fraction <= 1.0, "a fraction in [0, 1]"),
         ("lr", math.isfinite(config.lr) and config.lr > 0, "a number > 0"),
         ("beta", math.isfinite(config.beta) and config.beta >= 0, "a number >= 0"),

@@ -218,6 +218,7 @@ def build_model(config: TrainConfig, data: TrainingData) -> Any:
     from tzkcli.model import ModelConfig, TzK
 
     flow = GlowConfig(shape=data.shape, levels=config.levels, steps=config.flow_steps,
-                      hidden=config.hidden, coupling=config.coupling)
+                      hidden=config.hidden, coupling=config.coupling,
+                      scale_floor=config.scale_floor)
     model = TzK(ModelConfig(flow=flow, n_bits=config.n_bits), data.registry(config))
     return model
