@@ -4,15 +4,24 @@
 1.7.3's Glow, interleaved step by step in one run. ``quality``: per seed, both trained for
 ``--train-steps`` steps on the same batches, then test bpd, non-finite samples at temperatures
 0.7 and 1.0, the time to score a batch under 1, 10 and 100 conditions, and sampling speed.
-``pip install -e ".[bench]"`` installs normflows.
+``--processes N`` runs the throughput section in N fresh processes, one after the other, and
+prints each process's ratios and their medians: a subject's speed differs from one process to
+the next (memory layout) by more than within one. ``pip install -e ".[bench]"`` installs
+normflows.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -41,7 +50,13 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--test", type=int, default=2000, help="MNIST test images scored")
     parser.add_argument("--samples", type=int, default=640)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    parser.add_argument("--processes", type=int, default=1,
+                        help="throughput: fresh processes, one after another; their medians")
+    parser.add_argument("--json-out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.processes < 1:
+        parser.error(f"--processes {args.processes}: expected an integer >= 1")
+    return args
 
 
 def _machine(threads: int) -> str:
@@ -50,7 +65,7 @@ def _machine(threads: int) -> str:
             f"torch {torch.__version__}, load average {load}")
 
 
-def throughput(args: argparse.Namespace) -> None:
+def throughput(args: argparse.Namespace) -> list:
     images, labels = mnist("train")
     arch = (args.levels, args.depth, args.hidden)
     build = {
@@ -84,6 +99,37 @@ def throughput(args: argparse.Namespace) -> None:
         ratio = rate / reference.images_per_second(args.batch)
         print(f"| {result.name} | {result.forward_ms:.1f} | {result.backward_ms:.1f} | "
               f"{result.adam_ms:.1f} | {rate:.0f} | {ratio:.2f}x |", flush=True)
+    if args.json_out is not None:
+        rates = {r.name: r.images_per_second(args.batch) for r in results}
+        args.json_out.write_text(json.dumps(rates))
+    return results
+
+
+def throughput_processes(args: argparse.Namespace) -> None:
+    """The throughput section in ``args.processes`` fresh processes, run one at a time (in
+    parallel they would slow each other), then per subject the median and range over them."""
+    options = ["--rounds", args.rounds, "--steps", args.steps, "--subjects", args.subjects,
+               "--batch", args.batch, "--levels", args.levels, "--depth", args.depth,
+               "--hidden", args.hidden, "--threads", args.threads, "--seed", args.seed]
+    runs = []
+    with tempfile.TemporaryDirectory() as folder:
+        for index in range(args.processes):
+            out = Path(folder) / f"{index}.json"
+            command = [sys.executable, "-m", "benchmarks.flow", "--sections", "throughput",
+                       *map(str, options), "--json-out", str(out)]
+            print(f"\n### Process {index + 1} of {args.processes}", flush=True)
+            subprocess.run(command, check=True)
+            runs.append(json.loads(out.read_text()))
+
+    print(f"\n## Over {args.processes} processes: images/s and ratio to normflows")
+    print("| subject | median images/s | median ratio | ratios, in run order |")
+    print("| --- | --- | --- | --- |")
+    for name in runs[0]:
+        ratios = [run[name] / run["normflows"] for run in runs]
+        rates = statistics.median(run[name] for run in runs)
+        listed = ", ".join(f"{r:.2f}x" for r in ratios)
+        print(f"| {name} | {rates:.0f} | {statistics.median(ratios):.2f}x | {listed} |",
+              flush=True)
 
 
 def quality_section(args: argparse.Namespace) -> None:
@@ -131,7 +177,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     sections = args.sections.split(",")
     if "throughput" in sections:
-        throughput(args)
+        if args.processes > 1:
+            throughput_processes(args)
+        else:
+            throughput(args)
     if "quality" in sections:
         quality_section(args)
 
