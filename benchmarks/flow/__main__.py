@@ -65,7 +65,7 @@ def _machine(threads: int) -> str:
             f"torch {torch.__version__}, load average {load}")
 
 
-def throughput(args: argparse.Namespace) -> list:
+def throughput(args: argparse.Namespace) -> None:
     images, labels = mnist("train")
     arch = (args.levels, args.depth, args.hidden)
     build = {
@@ -102,7 +102,6 @@ def throughput(args: argparse.Namespace) -> list:
     if args.json_out is not None:
         rates = {r.name: r.images_per_second(args.batch) for r in results}
         args.json_out.write_text(json.dumps(rates))
-    return results
 
 
 def throughput_processes(args: argparse.Namespace) -> None:

@@ -272,7 +272,8 @@ class AffineCoupling(nn.Module):
     The inverse ``x_b = y_b / s + t`` divides by at most ``1 / f``, where the unfloored
     ``1 / sigmoid(h + 2)`` overflows for large negative ``h`` (non-finite samples). Nothing
     is clamped in either direction. A floor near 1 leaves each coupling little contraction
-    (at most ``1 / f``), and the flow then contracts through actnorm, for every pixel alike.
+    (at most ``1 / f``); the rest must come from actnorm and the 1x1 convolutions, which treat
+    every pixel alike.
     """
 
     def __init__(self, channels: int, hidden: int,
