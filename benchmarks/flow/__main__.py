@@ -4,7 +4,10 @@
 1.7.3's Glow, interleaved step by step in one run. ``quality``: per seed, both trained for
 ``--train-steps`` steps on the same batches, then test bpd, non-finite samples at temperatures
 0.7 and 1.0, the time to score a batch under 1, 10 and 100 conditions, and sampling speed.
-``--processes N`` runs the throughput section in N fresh processes, one after the other, and
+The throughput table's page faults are a step's median minor page faults: glibc hands large
+freed blocks back to the system and each new one faults in page by page, which costs some
+subjects far more than others (``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` in
+the environment change it). ``--processes N`` runs the throughput section in N fresh processes, one after the other, and
 prints each process's ratios and their medians: a subject's speed differs from one process to
 the next (memory layout) by more than within one. ``pip install -e ".[bench]"`` installs
 normflows.
@@ -92,13 +95,15 @@ def throughput(args: argparse.Namespace) -> None:
                                   args.steps, args.seed)
     print(f"after: {_machine(args.threads)}; medians of {results[0].steps} steps each")
     reference = next(r for r in results if r.name == "normflows")
-    print("| subject | forward ms | backward ms | Adam ms | images/s | vs normflows |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| subject | forward ms | backward ms | Adam ms | images/s | vs normflows | "
+          "page faults |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for result in results:
         rate = result.images_per_second(args.batch)
         ratio = rate / reference.images_per_second(args.batch)
         print(f"| {result.name} | {result.forward_ms:.1f} | {result.backward_ms:.1f} | "
-              f"{result.adam_ms:.1f} | {rate:.0f} | {ratio:.2f}x |", flush=True)
+              f"{result.adam_ms:.1f} | {rate:.0f} | {ratio:.2f}x | {result.page_faults:.0f} |",
+              flush=True)
     if args.json_out is not None:
         rates = {r.name: r.images_per_second(args.batch) for r in results}
         args.json_out.write_text(json.dumps(rates))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -14,13 +15,16 @@ from benchmarks.flow.data import dequantise
 
 @dataclass
 class Throughput:
-    """Medians over every timed step of one subject."""
+    """Medians over every timed step of one subject; ``page_faults``: the process's minor
+    page faults during the step (first touches of memory the allocator took from the
+    system)."""
 
     name: str
     forward_ms: float
     backward_ms: float
     adam_ms: float
     steps: int
+    page_faults: float = 0.0
 
     @property
     def step_ms(self) -> float:
@@ -31,7 +35,8 @@ class Throughput:
 
 
 def _timed_step(subject, optimizer: torch.optim.Optimizer, x: Tensor,
-                y: Tensor) -> tuple[float, float, float]:
+                y: Tensor) -> tuple[float, float, float, int]:
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     loss = subject.loss(x, y)
@@ -40,9 +45,10 @@ def _timed_step(subject, optimizer: torch.optim.Optimizer, x: Tensor,
     backward = time.perf_counter()
     optimizer.step()
     done = time.perf_counter()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     if not torch.isfinite(loss):
         raise RuntimeError(f"{subject.name}: non-finite training loss")
-    return forward - start, backward - forward, done - backward
+    return forward - start, backward - forward, done - backward, faults
 
 
 def training_throughput(subjects: list, images: Tensor, labels: Tensor, batch: int,
@@ -55,7 +61,7 @@ def training_throughput(subjects: list, images: Tensor, labels: Tensor, batch: i
     """
     generator = torch.Generator().manual_seed(seed)
     optimizers = {s.name: torch.optim.Adam(s.parameters(), lr=1e-3) for s in subjects}
-    times: dict[str, list[tuple[float, float, float]]] = {s.name: [] for s in subjects}
+    times: dict[str, list[tuple[float, float, float, int]]] = {s.name: [] for s in subjects}
 
     for round_ in range(rounds + 1):
         picks = [torch.randint(0, len(images), (batch,), generator=generator)
@@ -72,8 +78,9 @@ def training_throughput(subjects: list, images: Tensor, labels: Tensor, batch: i
 
     results = []
     for subject in subjects:
-        forward, backward, adam = zip(*times[subject.name])
+        forward, backward, adam, faults = zip(*times[subject.name])
         results.append(Throughput(subject.name, 1e3 * statistics.median(forward),
                                   1e3 * statistics.median(backward),
-                                  1e3 * statistics.median(adam), len(forward)))
+                                  1e3 * statistics.median(adam), len(forward),
+                                  statistics.median(faults)))
     return results
