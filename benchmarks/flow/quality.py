@@ -58,9 +58,8 @@ def tzk_model(levels: int, steps: int, hidden: int):
     for digit in range(DIGITS):
         registry.add_condition("label", f"mnist/{digit}")
     config = ModelConfig(flow=GlowConfig(shape=SHAPE, levels=levels, steps=steps, hidden=hidden))
-    model = TzK(config, registry)
-    model.flow.to(memory_format=torch.channels_last)
-    return model
+    # Placed as every tzk command places its model (channels_last on the CPU).
+    return TzK(config, registry).place("cpu")
 
 
 def train_seed(seed: int, images: Tensor, labels: Tensor, arch: tuple[int, int, int],

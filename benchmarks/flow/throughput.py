@@ -24,7 +24,7 @@ class Throughput:
     backward_ms: float
     adam_ms: float
     steps: int
-    page_faults: float = 0.0
+    page_faults: float
 
     @property
     def step_ms(self) -> float:
