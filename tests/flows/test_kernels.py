@@ -40,7 +40,11 @@ def _assert_close(fast: list[Tensor], plain: list[Tensor]) -> None:
         assert error < 1e-5, f"{name}: relative error {float(error):.2e}"
 
 
-def test_the_backward_is_the_derivative_of_the_forward_in_float64() -> None:
+@pytest.mark.parametrize("block_rows", [kernels.BLOCK_ROWS, 7])
+def test_the_backward_is_the_derivative_of_the_forward_in_float64(
+        block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 60 pixels: one block, or eight blocks of 7 and a last one of 4.
+    monkeypatch.setattr(kernels, "BLOCK_ROWS", block_rows)
     network = _network(3, 7, 4, torch.float64)
     first, _, middle, _, last = network
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64).to(memory_format=CHANNELS_LAST)
@@ -55,9 +59,9 @@ def test_the_backward_is_the_derivative_of_the_forward_in_float64() -> None:
 @pytest.mark.parametrize("layout", ["channel slice of channels_last", "contiguous"])
 def test_the_fast_path_equals_the_plain_network_in_float32(layout: str) -> None:
     network = _network(2, 64, 4).to(memory_format=CHANNELS_LAST)
-    whole = torch.randn(16, 4, 16, 16)
+    whole = torch.randn(32, 4, 16, 16)
     x = whole.to(memory_format=CHANNELS_LAST)[:, :2] if "slice" in layout else whole[:, :2]
-    grad_y = torch.randn(16, 4, 16, 16)
+    grad_y = torch.randn(32, 4, 16, 16)
     assert kernels.applies(x, 64)
 
     fast = _outputs_and_gradients(network, network, x, grad_y)
@@ -67,10 +71,29 @@ def test_the_fast_path_equals_the_plain_network_in_float32(layout: str) -> None:
     assert fast[0].is_contiguous(memory_format=CHANNELS_LAST)
 
 
-def test_the_fast_path_serves_only_thin_float32_cpu_inputs_with_many_pixels() -> None:
-    assert kernels.applies(torch.zeros(16, 2, 16, 16), 128)
-    assert not kernels.applies(torch.zeros(16, 2, 16, 16), 48)  # a narrow network
-    assert not kernels.applies(torch.zeros(8, 2, 16, 16), 128)  # 2,048 pixels for 2 channels
+@pytest.mark.parametrize("block_rows", [1000, 4096, 100_000])
+def test_the_blocked_backward_is_the_same_for_any_block(
+        block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4,096 pixels: five blocks of 1,000 (the last of 96), one block, or one partial block.
+    monkeypatch.setattr(kernels, "BLOCK_ROWS", block_rows)
+    network = _network(4, 128, 8).to(memory_format=CHANNELS_LAST)
+    x = torch.randn(64, 4, 8, 8).to(memory_format=CHANNELS_LAST)
+    grad_y = torch.randn(64, 8, 8, 8)
+    assert kernels.applies(x, 128)  # a second level's network
+
+    fast = _outputs_and_gradients(network, network, x, grad_y)
+    plain = _outputs_and_gradients(lambda v: _plain(network, v), network, x, grad_y)
+
+    _assert_close(fast, plain)
+
+
+def test_the_fast_path_serves_only_thin_float32_cpu_inputs_with_big_products() -> None:
+    assert kernels.applies(torch.zeros(16, 2, 16, 16), 128)  # 4,096 pixels x 128 channels
+    assert kernels.applies(torch.zeros(64, 2, 16, 16), 48)  # 16,384 x 48
+    assert kernels.applies(torch.zeros(64, 4, 8, 8), 128)  # a second level: 4,096 x 128
+    assert not kernels.applies(torch.zeros(64, 4, 8, 8), 48)  # 4,096 x 48: too little
+    assert not kernels.applies(torch.zeros(8, 2, 16, 16), 128)  # 2,048 x 128: too little
+    assert not kernels.applies(torch.zeros(256, 2, 16, 16), 32)  # a narrow network
     assert not kernels.applies(torch.zeros(64, 6, 16, 16), 128)  # too many channels
     assert not kernels.applies(torch.zeros(16, 2, 16, 16, dtype=torch.float64), 128)
     assert not kernels.applies(torch.zeros(16, 2, 16, 16, dtype=torch.bfloat16), 128)
@@ -78,7 +101,7 @@ def test_the_fast_path_serves_only_thin_float32_cpu_inputs_with_many_pixels() ->
 
 def test_a_network_runs_its_plain_path_when_told_or_under_another_precision() -> None:
     network = _network(2, 64, 4)
-    x = torch.randn(16, 2, 16, 16)
+    x = torch.randn(32, 2, 16, 16)
     calls = []
     network.register_forward_hook(lambda *_: calls.append(1))
     network[0].register_forward_hook(lambda *_: calls.append("plain"))
@@ -99,8 +122,8 @@ def test_a_glow_trains_the_same_with_and_without_the_fast_path() -> None:
     torch.manual_seed(0)
     glow = Glow(GlowConfig(shape=(1, 32, 32), levels=2, steps=2, hidden=64))
     glow = glow.to(memory_format=CHANNELS_LAST)
-    x = torch.rand(16, 1, 32, 32)
-    assert kernels.applies(torch.zeros(16, 2, 16, 16), 64)  # the first level's networks
+    x = torch.rand(32, 1, 32, 32)
+    assert kernels.applies(torch.zeros(32, 2, 16, 16), 64)  # the first level's networks
     glow.initialize(x)
     perturb(glow, scale=0.05)
 
