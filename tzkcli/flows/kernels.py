@@ -33,10 +33,11 @@ from torch import Tensor
 
 # The fast path pays where the network's input is thin and its products big: it serves
 # inputs of at most MAX_CHANNELS channels where pixels (over the batch) times hidden channels
-# reach MIN_WORK, in networks of at least MIN_HIDDEN hidden channels. Measured (alone and in
-# training steps, docs/benchmarks.md): 1.2x to 1.9x at 16,384 pixels and 128 channels, 1.4x
-# at 48; in a step 1.02x at 4,096 pixels and 128 channels; 0.8x to 0.9x at 4,096 pixels and
-# 48 channels (left out, below MIN_WORK); within 3% of 1x at 12 channels or at 32 hidden.
+# reach MIN_WORK, in networks of at least MIN_HIDDEN hidden channels. Measured in training
+# steps (docs/benchmarks.md, session 6): a Glow's first two levels on gray images at 128
+# channels (16,384 and 4,096 pixels) and its first at 48 (16,384) gain; the second level at
+# 48 channels (4,096 pixels, below MIN_WORK: 0.97x) and an RGB image's 6-channel first level
+# (0.98x) do not.
 MAX_CHANNELS = 4
 MIN_WORK = 2**19
 MIN_HIDDEN = 48
@@ -181,10 +182,10 @@ class FusedCouplingNetwork(torch.autograd.Function):
         grad_products = _spread_taps(grad_conv).view(h2.shape[0], -1)
         grads = _blocked_backward(grad_products, cols, w1_taps, h1, w2, h2, w3_taps,
                                   ctx.needs_input_grad[0])
-        grad_w1_taps, grad_b1, grad_w2, grad_b2, grad_w3_taps, grad_cols = grads
+        grad_cols_w1, grad_b1, grad_w2, grad_b2, grad_w3_taps, grad_cols = grads
 
         hidden, outputs, channels = h1.shape[1], gain.numel(), cols.shape[1] // 9
-        grad_w1 = grad_w1_taps.view(hidden, 3, 3, channels).permute(0, 3, 1, 2)
+        grad_w1 = grad_cols_w1.view(3, 3, channels, hidden).permute(3, 2, 0, 1)
         grad_w3 = grad_w3_taps.T.reshape(hidden, 3, 3, outputs).permute(3, 0, 1, 2)
         grad_x = None
         if grad_cols is not None:
@@ -198,14 +199,14 @@ class FusedCouplingNetwork(torch.autograd.Function):
 def _blocked_backward(grad_products: Tensor, cols: Tensor, w1_taps: Tensor, h1: Tensor,
                       w2: Tensor, h2: Tensor, w3_taps: Tensor, input_grad: bool
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """The gradients of ``w1_taps, b1, w2 (as [F, F]), b2, w3_taps (as [9 O, F])`` and of
-    ``cols`` (``None`` unless ``input_grad``) from those of the tap products, over blocks of
-    ``BLOCK_ROWS`` pixels: a block's two hidden gradients stay in cache from the products
-    that make them to the products that use them."""
+    """The gradients of ``w1_taps`` (as ``[9 C, F]``), ``b1``, ``w2`` (as ``[F, F]``), ``b2``,
+    ``w3_taps`` (as ``[9 O, F]``) and ``cols`` (``None`` unless ``input_grad``) from those of
+    the tap products, over blocks of ``BLOCK_ROWS`` pixels: a block's two hidden gradients
+    stay in cache from the products that make them to the products that use them."""
     rows, hidden = h1.shape
     block = min(BLOCK_ROWS, rows)
     w2 = w2.view(hidden, hidden)
-    grad_w1_taps = h1.new_zeros(hidden, cols.shape[1])
+    grad_cols_w1 = h1.new_zeros(cols.shape[1], hidden)
     grad_w2 = h1.new_zeros(hidden, hidden)
     grad_w3_taps = h1.new_zeros(grad_products.shape[1], hidden)
     grad_b1, grad_b2 = h1.new_zeros(hidden), h1.new_zeros(hidden)
@@ -228,9 +229,10 @@ def _blocked_backward(grad_products: Tensor, cols: Tensor, w1_taps: Tensor, h1: 
         grad_h1 = torch.mm(grad_h2, w2, out=grad_h1_buffer[:n])
         _relu_backward_(grad_h1, h1_block)
 
-        grad_w1_taps.addmm_(grad_h1.T, cols[pixels])
+        # As [9 C, F]: MKL runs this orientation 1.6x to 1.9x as fast as [F, 9 C].
+        grad_cols_w1.addmm_(cols[pixels].T, grad_h1)
         grad_b1.addmv_(grad_h1.T, ones[:n])
         if grad_cols is not None:
             torch.mm(grad_h1, w1_taps, out=grad_cols[pixels])
 
-    return grad_w1_taps, grad_b1, grad_w2, grad_b2, grad_w3_taps, grad_cols
+    return grad_cols_w1, grad_b1, grad_w2, grad_b2, grad_w3_taps, grad_cols
