@@ -28,7 +28,8 @@ class Glow(nn.Module):
     Speed: on CPU, ``glow.to(memory_format=torch.channels_last)`` makes the coupling
     networks' convolutions take oneDNN's channels_last kernels, which train this flow 1.1x to
     1.5x faster than NCHW (``benchmarks/flow``); the results are the same to rounding error.
-    The first level's thin coupling networks take :mod:`tzkcli.flows.kernels`' fast path.
+    Coupling networks with thin inputs and big products (a gray image's first two levels)
+    take :mod:`tzkcli.flows.kernels`' fast path, in either layout.
 
     Warning:
         Values outside ``[0, 1)`` are not rejected (checking would cost a pass over the

@@ -43,7 +43,7 @@ MIN_WORK = 2**19
 MIN_HIDDEN = 48
 CHANNELS_LAST = torch.channels_last
 # The backward's blocks of pixels: 4,096 rows of 128 features are 2 MB, a core's L2 cache
-# (measured in a training step: 2,048 and 8,192 rows were 1% to 3% slower).
+# (measured in training steps: 2,048, 8,192 and 16,384 rows were about 3% slower).
 BLOCK_ROWS = 4096
 # oneDNN's matrix multiply with a ReLU post-op (a private op of torch's CPU builds; without
 # it the product and the ReLU run one after the other).
