@@ -203,9 +203,9 @@ class CouplingNetwork(nn.Sequential):
     input's dtype, so the coupling's transform, its ladj and everything after it stay in the
     input's precision. ``None`` (the default) runs it in the input's dtype.
 
-    In float32 on the CPU, inputs with few channels and many pixels (a Glow's first level on
-    small images) take :mod:`tzkcli.flows.kernels`' fast path: the same function and gradients
-    from other kernels. ``fast_path = False`` turns it off (to compare).
+    In float32 on the CPU, inputs with few channels and big products (a Glow's first two
+    levels on small gray images) take :mod:`tzkcli.flows.kernels`' fast path: the same function
+    and gradients from other kernels. ``fast_path = False`` turns it off (to compare).
     """
 
     compute_dtype: torch.dtype | None = None
